@@ -6,7 +6,7 @@
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'GENERATOR_VERSION', 'Shape', 'Scene', 'render_scene', 'describe_scene',
            'random_scene', 'synthetic_corpus']
 
-# %% ../nbs/02a_synthetic.ipynb #16437c2e
+# %% ../nbs/02a_synthetic.ipynb #c0820412
 import functools
 import math
 import random
@@ -43,7 +43,7 @@ class Scene:
     noise_seed: int
     layout: str  # 'single', 'pair' or 'group': which kind of caption describes it
 
-# %% ../nbs/02a_synthetic.ipynb #7e277b14
+# %% ../nbs/02a_synthetic.ipynb #a7057d46
 def _polygon(shape: Shape, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     "Corner points of a square, triangle or star of 'radius' r centred at (cx, cy)."
     turn = math.radians(shape.rotation)
@@ -72,7 +72,7 @@ def render_scene(scene: Scene, size: int = 128) -> Image.Image:
         pixels[x, y] = tuple(min(255, max(0, v + noise.randint(-40, 40))) for v in pixels[x, y])
     return image
 
-# %% ../nbs/02a_synthetic.ipynb #b7d7e3c9
+# %% ../nbs/02a_synthetic.ipynb #7accb6e1
 _SIZE_WORDS = {"small": ("small", "little", "small"), "large": ("large", "big", "large")}
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 
@@ -91,9 +91,9 @@ def _where(shape: Shape) -> str:
 
 
 def _noun(shape: Shape, rng: random.Random, with_size: bool = True) -> str:
-    "A noun phrase for one shape, e.g. 'big red circle'."
-    words = ([rng.choice(_SIZE_WORDS[shape.size])] if with_size else []) + [shape.colour, shape.kind]
-    return " ".join(words)
+    "A noun phrase with its article for one shape, e.g. 'a big red circle', 'an orange star'."
+    words = " ".join(([rng.choice(_SIZE_WORDS[shape.size])] if with_size else []) + [shape.colour, shape.kind])
+    return ("an " if words[0] in "aeiou" else "a ") + words
 
 
 def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
@@ -101,9 +101,9 @@ def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     if scene.layout == "single":
         s = scene.shapes[0]
         where = _where(s)
-        frames = [lambda: f"a {_noun(s, rng)} {where}", lambda: f"there is a {_noun(s, rng)} {where}",
-                  lambda: f"a {_noun(s, rng)}", lambda: f"a picture of a {_noun(s, rng)} {where}",
-                  lambda: f"one {_noun(s, rng)} {where}", lambda: f"a {s.colour} {s.kind} {where}"]
+        frames = [lambda: f"{_noun(s, rng)} {where}", lambda: f"there is {_noun(s, rng)} {where}",
+                  lambda: _noun(s, rng), lambda: f"a picture of {_noun(s, rng)} {where}",
+                  lambda: f"one {_noun(s, rng)[2:].lstrip()} {where}", lambda: f"{_noun(s, rng, False)} {where}"]
     elif scene.layout == "pair":
         a, b = scene.shapes
         horizontal = abs(a.x - b.x) > abs(a.y - b.y)
@@ -113,12 +113,12 @@ def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
         else:
             a, b = sorted(scene.shapes, key=lambda s: s.y)  # a is above
             ab, ba = "above", "below"
-        frames = [lambda: f"a {_noun(a, rng)} {ab} a {_noun(b, rng)}",
-                  lambda: f"a {_noun(b, rng)} {ba} a {_noun(a, rng)}",
-                  lambda: f"there is a {_noun(a, rng)} {ab} a {_noun(b, rng)}",
-                  lambda: f"a {_noun(a, rng)} and a {_noun(b, rng)}",
-                  lambda: f"two shapes : a {_noun(a, rng, False)} {ab} a {_noun(b, rng, False)}",
-                  lambda: f"a {_noun(b, rng, False)} {ba} a {_noun(a, rng)}"]
+        frames = [lambda: f"{_noun(a, rng)} {ab} {_noun(b, rng)}",
+                  lambda: f"{_noun(b, rng)} {ba} {_noun(a, rng)}",
+                  lambda: f"there is {_noun(a, rng)} {ab} {_noun(b, rng)}",
+                  lambda: f"{_noun(a, rng)} and {_noun(b, rng)}",
+                  lambda: f"two shapes with {_noun(a, rng, False)} {ab} {_noun(b, rng, False)}",
+                  lambda: f"{_noun(b, rng, False)} {ba} {_noun(a, rng)}"]
     else:
         s, count = scene.shapes[0], _COUNT_WORDS[len(scene.shapes)]
         size = lambda: rng.choice(_SIZE_WORDS[s.size])
@@ -130,7 +130,12 @@ def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     chosen = rng.sample(frames, k=min(n, len(frames)))
     return [frame() for frame in chosen]
 
-# %% ../nbs/02a_synthetic.ipynb #8d2071b3
+# %% ../nbs/02a_synthetic.ipynb #60e75bf5
+# squares turned by 45° look like diamonds and triangles by 60° point down: keep each kind recognisable
+_ROTATIONS = {"circle": lambda rng: 0, "square": lambda rng: rng.choice([0, 10, 20]),
+              "triangle": lambda rng: rng.choice([0, 0, 10, 60]), "star": lambda rng: rng.choice([0, 12, 24])}
+
+
 def _place(rng: random.Random, placed: list[Shape], kind, colour, size, region=None) -> Shape:
     "A shape of the given kind at a random free spot (inside `region` = (x0, x1, y0, y1) if given)."
     r = SIZES[size]
@@ -138,7 +143,7 @@ def _place(rng: random.Random, placed: list[Shape], kind, colour, size, region=N
     for _ in range(200):
         x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
         if all(math.hypot(x - p.x, y - p.y) > (r + SIZES[p.size]) * 1.3 for p in placed): break
-    return Shape(kind, colour, size, round(x, 3), round(y, 3), rng.choice([0, 15, 30, 45, 60, 90]) if kind != "circle" else 0)
+    return Shape(kind, colour, size, round(x, 3), round(y, 3), _ROTATIONS[kind](rng))
 
 
 def random_scene(rng: random.Random) -> Scene:
@@ -167,7 +172,7 @@ def random_scene(rng: random.Random) -> Scene:
     rng.shuffle(shapes)
     return Scene(tuple(shapes), background, noise_seed, layout)
 
-# %% ../nbs/02a_synthetic.ipynb #c1be8baf
+# %% ../nbs/02a_synthetic.ipynb #e7c460aa
 def synthetic_corpus(n_train: int = 2000, n_dev: int = 250, n_test: int = 250, seed: int = 0,
                      image_size: int = 128, captions_per_image: int = 5) -> dict[str, list[CaptionedImage]]:
     "A deterministic synthetic captioning corpus of shape scenes; images are drawn lazily on `load()`."
