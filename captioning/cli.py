@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['corpus_from_args', 'data_command', 'build_parser', 'main']
 
-# %% ../nbs/10_cli.ipynb #30687802
+# %% ../nbs/10_cli.ipynb #d74da8be
 import argparse
 import statistics
 import sys
@@ -15,7 +15,7 @@ from .data import (DatasetFormatError, DatasetUnavailable, ImageLoadError, find_
                              load_corpus, show_images)
 from .vocabulary import Vocabulary, tokenize
 
-# %% ../nbs/10_cli.ipynb #fd3fc39c
+# %% ../nbs/10_cli.ipynb #29952922
 _DATASETS = ("synthetic", "flickr8k", "flickr8k_csv", "karpathy", "hf")
 _USER_ERRORS = (FileNotFoundError, DatasetFormatError, DatasetUnavailable, ImageLoadError, ValueError)
 
@@ -40,7 +40,7 @@ def corpus_from_args(args) -> dict:
     kwargs = {"images_root": args.images_root} if args.dataset == "karpathy" and args.images_root else {}
     return load_corpus(args.dataset, args.root, **kwargs)
 
-# %% ../nbs/10_cli.ipynb #153824a4
+# %% ../nbs/10_cli.ipynb #ddc318d2
 def data_command(args) -> None:
     "Describe a dataset: splits, vocabulary, caption lengths, samples, and a picture grid."
     corpus = corpus_from_args(args)
@@ -65,7 +65,7 @@ def data_command(args) -> None:
         show_images(train[:8], ncols=4).savefig(args.grid)
         print(f"wrote {args.grid}")
 
-# %% ../nbs/10_cli.ipynb #43d16c45
+# %% ../nbs/10_cli.ipynb #62ecc05c
 def build_parser() -> argparse.ArgumentParser:
     "The `captioning` argument parser with its sub-commands."
     parser = argparse.ArgumentParser(prog="captioning", description="Train, evaluate and run image captioning models.")

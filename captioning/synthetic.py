@@ -6,7 +6,7 @@
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'GENERATOR_VERSION', 'Shape', 'Scene', 'render_scene', 'describe_scene',
            'random_scene', 'synthetic_corpus']
 
-# %% ../nbs/02a_synthetic.ipynb #c0820412
+# %% ../nbs/02a_synthetic.ipynb #ff106864
 import functools
 import math
 import random
@@ -43,7 +43,7 @@ class Scene:
     noise_seed: int
     layout: str  # 'single', 'pair' or 'group': which kind of caption describes it
 
-# %% ../nbs/02a_synthetic.ipynb #a7057d46
+# %% ../nbs/02a_synthetic.ipynb #1e97d28e
 def _polygon(shape: Shape, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     "Corner points of a square, triangle or star of 'radius' r centred at (cx, cy)."
     turn = math.radians(shape.rotation)
@@ -72,7 +72,7 @@ def render_scene(scene: Scene, size: int = 128) -> Image.Image:
         pixels[x, y] = tuple(min(255, max(0, v + noise.randint(-40, 40))) for v in pixels[x, y])
     return image
 
-# %% ../nbs/02a_synthetic.ipynb #7accb6e1
+# %% ../nbs/02a_synthetic.ipynb #561fa77a
 _SIZE_WORDS = {"small": ("small", "little", "small"), "large": ("large", "big", "large")}
 _COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
 
@@ -130,7 +130,7 @@ def describe_scene(scene: Scene, rng: random.Random, n: int = 5) -> list[str]:
     chosen = rng.sample(frames, k=min(n, len(frames)))
     return [frame() for frame in chosen]
 
-# %% ../nbs/02a_synthetic.ipynb #60e75bf5
+# %% ../nbs/02a_synthetic.ipynb #6196a337
 # squares turned by 45° look like diamonds and triangles by 60° point down: keep each kind recognisable
 _ROTATIONS = {"circle": lambda rng: 0, "square": lambda rng: rng.choice([0, 10, 20]),
               "triangle": lambda rng: rng.choice([0, 0, 10, 60]), "star": lambda rng: rng.choice([0, 12, 24])}
@@ -172,7 +172,7 @@ def random_scene(rng: random.Random) -> Scene:
     rng.shuffle(shapes)
     return Scene(tuple(shapes), background, noise_seed, layout)
 
-# %% ../nbs/02a_synthetic.ipynb #e7c460aa
+# %% ../nbs/02a_synthetic.ipynb #3cfe42a1
 def synthetic_corpus(n_train: int = 2000, n_dev: int = 250, n_test: int = 250, seed: int = 0,
                      image_size: int = 128, captions_per_image: int = 5) -> dict[str, list[CaptionedImage]]:
     "A deterministic synthetic captioning corpus of shape scenes; images are drawn lazily on `load()`."

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['PAD', 'START', 'END', 'UNK', 'SPECIAL_TOKENS', 'PAD_ID', 'START_ID', 'END_ID', 'UNK_ID', 'tokenize', 'Vocabulary']
 
-# %% ../nbs/01_vocabulary.ipynb #7abc200c
+# %% ../nbs/01_vocabulary.ipynb #188027bb
 import json
 import re
 from collections import Counter
@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 
 from nltk.tokenize import RegexpTokenizer
 
-# %% ../nbs/01_vocabulary.ipynb #602a8ef6
+# %% ../nbs/01_vocabulary.ipynb #468f3ad0
 _TOKEN_PATTERN = r"[a-z0-9]+(?:-[a-z0-9]+)*|'[a-z]+"
 _tokenizer = RegexpTokenizer(_TOKEN_PATTERN)
 
@@ -23,12 +23,12 @@ def tokenize(text: str) -> list[str]:
     "Lower-case `text` and split it into word tokens, dropping punctuation; needs no downloaded data."
     return _tokenizer.tokenize(text.lower())
 
-# %% ../nbs/01_vocabulary.ipynb #f280f570
+# %% ../nbs/01_vocabulary.ipynb #7c59199f
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
-# %% ../nbs/01_vocabulary.ipynb #7f335056
+# %% ../nbs/01_vocabulary.ipynb #015e48ac
 class Vocabulary:
     "Maps caption tokens to integer ids and back; ids 0-3 are `<pad>`, `<start>`, `<end>`, `<unk>`."
 
