@@ -10,3 +10,24 @@ def test_data_command_on_synthetic(tmp_path, capsys):
 def test_data_command_reports_a_missing_folder(tmp_path, capsys):
     assert main(["data", "--dataset", "flickr8k", "--root", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_train_evaluate_caption_end_to_end(tmp_path, capsys):
+    from captioning.synthetic import synthetic_corpus
+    common = ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", *common, "--epochs", "1", "--no-meteor", "--warmup-steps", "2",
+                 "--output", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "CIDEr-D" in out and (tmp_path / "run" / "export" / "model.safetensors").exists()
+    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
+    assert "BLEU-4" in capsys.readouterr().out
+    synthetic_corpus(0, 0, 1, seed=3)["test"][0].load().save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(b"garbage")
+    assert main(["caption", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", str(tmp_path / "run")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith(str(tmp_path / "a.png") + "\t") and "b.jpg" in captured.err
+
+
+def test_evaluate_reports_a_missing_model(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nothing"), "--no-meteor"]) == 2
+    assert "export folder not found" in capsys.readouterr().err
