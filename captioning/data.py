@@ -8,7 +8,7 @@ __all__ = ['FLICKR8K_ENV', 'ImageLoadError', 'load_image', 'DatasetFormatError',
            'load_hf', 'load_corpus', 'default_corpus', 'CaptionDataset', 'ImageDataset', 'ImagePreprocessing',
            'Augmentation', 'image_transforms', 'CaptionBatch', 'collate_captions', 'collate_images', 'show_images']
 
-# %% ../nbs/02_data.ipynb #c5998f73
+# %% ../nbs/02_data.ipynb #b9387033
 import csv
 import hashlib
 import json
@@ -24,7 +24,7 @@ from torchvision import transforms as T
 
 from .vocabulary import PAD_ID, Vocabulary
 
-# %% ../nbs/02_data.ipynb #27237b60
+# %% ../nbs/02_data.ipynb #8cc0a6e0
 class ImageLoadError(OSError):
     "An image file is missing, unreadable or corrupt; the message names the file."
 
@@ -55,7 +55,7 @@ def load_image(path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"cannot read image {path}: {e}") from None
 
-# %% ../nbs/02_data.ipynb #e2e63c9f
+# %% ../nbs/02_data.ipynb #e5baec15
 class DatasetFormatError(ValueError):
     "A dataset file is malformed; the message names the file and line."
 
@@ -75,7 +75,7 @@ class CaptionedImage:
         image = self.image() if callable(self.image) else self.image
         return _to_rgb(image)
 
-# %% ../nbs/02_data.ipynb #77f8d558
+# %% ../nbs/02_data.ipynb #bf930b2c
 FLICKR8K_ENV = "CAPTIONING_FLICKR8K"
 _FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
                          "test": "Flickr_8k.testImages.txt"}
@@ -142,7 +142,7 @@ def load_flickr8k(root=None, splits: Sequence[str] | None = None) -> dict[str, l
         split_names[split] = [(name.strip(), f"{list_file}:{n}") for n, name in _read_lines(list_file)]
     return _assemble(captions, split_names, root / "Images")
 
-# %% ../nbs/02_data.ipynb #6ede27c5
+# %% ../nbs/02_data.ipynb #75b861e3
 def write_fake_flickr8k(root, n_images: int = 6, captions_per_image: int = 5) -> Path:
     "Write a tiny Flickr8k-layout folder of solid-colour images, for tests and examples."
     root = Path(root)
@@ -161,7 +161,7 @@ def write_fake_flickr8k(root, n_images: int = 6, captions_per_image: int = 5) ->
     for split, file in _FLICKR8K_SPLIT_FILES.items(): (root / file).write_text("\n".join(splits[split]) + "\n")
     return root
 
-# %% ../nbs/02_data.ipynb #c9ddf8b4
+# %% ../nbs/02_data.ipynb #c5fc854b
 def _hash_split(names: Iterable[str], n_dev: int, n_test: int) -> dict[str, list[str]]:
     "A deterministic split of image names: order by a hash of the name, then cut."
     ordered = sorted(set(names), key=lambda n: hashlib.md5(n.encode()).hexdigest())
@@ -196,7 +196,7 @@ def load_flickr8k_csv(root, n_dev: int = 1000, n_test: int = 1000) -> dict[str, 
                        for s, names in _hash_split(captions, n_dev, n_test).items()}
     return _assemble(captions, split_names, root / "Images")
 
-# %% ../nbs/02_data.ipynb #c01b539f
+# %% ../nbs/02_data.ipynb #6be10067
 _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
 
@@ -221,7 +221,7 @@ def load_karpathy(json_path, images_root) -> dict[str, list[CaptionedImage]]:
         corpus[_KARPATHY_SPLITS[split]].append(CaptionedImage(filename, captions, path=path))
     return {split: items for split, items in corpus.items() if items}
 
-# %% ../nbs/02_data.ipynb #4cf1e86a
+# %% ../nbs/02_data.ipynb #06b485d5
 class DatasetUnavailable(RuntimeError):
     "A dataset could not be downloaded or found; the message says why and what to use instead."
 
@@ -238,20 +238,39 @@ def _hf_rows_to_items(rows, image_column: str, caption_column: str, id_column: s
     return items
 
 
+_LOCAL_BUILDERS = {"imagefolder", "csv", "json", "parquet", "arrow", "text"}
+
+
+def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+    "Why the Hugging Face hub cannot be reached (a quick connection test), or None if it can."
+    import socket
+    from urllib.parse import urlparse
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE: return None  # offline mode: `datasets` reads its local cache
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"cannot connect to {host} ({e})"
+
+
 def load_hf(name: str, data_dir=None, image_column: str = "image", caption_column: str = "caption",
             split_column: str | None = None, id_column: str | None = None,
             split_names: dict | None = None) -> dict[str, list[CaptionedImage]]:
     "A Hugging Face dataset (hub name, or `'imagefolder'` with `data_dir`) as a captioning corpus."
     import datasets
     split_names = split_names or {"train": "train", "validation": "dev", "val": "dev", "dev": "dev", "test": "test"}
+    advice = ("Without internet, use dataset 'synthetic' or a local copy (Flickr8k folder, Karpathy JSON, or an "
+              "imagefolder with metadata.jsonl); a dataset already in the Hugging Face cache loads with HF_HUB_OFFLINE=1.")
+    if name not in _LOCAL_BUILDERS and not Path(name).exists():
+        reason = _hub_unreachable_reason()
+        if reason: raise DatasetUnavailable(f"could not download the Hugging Face dataset {name!r}: {reason}. {advice}")
     try:
         loaded = datasets.load_dataset(name, data_dir=str(data_dir) if data_dir else None)
     except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DatasetUnavailable(
-            f"could not load the Hugging Face dataset {name!r}"
-            + (f" from {data_dir}" if data_dir else "") + f": {str(e).splitlines()[0]}. "
-            "Without internet, use dataset 'synthetic' or a local copy (Flickr8k folder, Karpathy JSON, "
-            "or an imagefolder with metadata.jsonl).") from None
+        raise DatasetUnavailable(f"could not load the Hugging Face dataset {name!r}"
+                                 + (f" from {data_dir}" if data_dir else "") + f": {str(e).splitlines()[0]}. {advice}") from None
     corpus: dict[str, list[CaptionedImage]] = {}
     for hf_split, rows in loaded.items():
         if split_column:
@@ -264,7 +283,7 @@ def load_hf(name: str, data_dir=None, image_column: str = "image", caption_colum
                 _hf_rows_to_items(rows, image_column, caption_column, id_column, f"{name}:{hf_split}"))
     return corpus
 
-# %% ../nbs/02_data.ipynb #66fea978
+# %% ../nbs/02_data.ipynb #4b9942a4
 def load_corpus(name: str = "synthetic", root=None, **kwargs) -> dict[str, list[CaptionedImage]]:
     "Load a corpus by name: 'synthetic', 'flickr8k', 'flickr8k_csv', 'karpathy' (root = JSON file) or 'hf'."
     if name == "synthetic":
@@ -288,7 +307,7 @@ def default_corpus(verbose: bool = True, **synthetic_kwargs) -> tuple[str, dict[
         print(f"Using {name}" + (f" from {root}" if root else " (set CAPTIONING_FLICKR8K for real photos)") + f" — {sizes}")
     return name, corpus
 
-# %% ../nbs/02_data.ipynb #21c5ec9a
+# %% ../nbs/02_data.ipynb #dc1c0f18
 class CaptionDataset(Dataset):
     "Training view: one sample `(input, caption ids, image index)` per (image, caption) pair."
 
@@ -330,7 +349,7 @@ def _model_input(dataset, image_index: int):
     image = dataset.images[image_index].load()
     return dataset.transform(image) if dataset.transform else image
 
-# %% ../nbs/02_data.ipynb #883dd8a9
+# %% ../nbs/02_data.ipynb #1f14d31f
 @dataclass(frozen=True)
 class ImagePreprocessing:
     "What an encoder expects: square input `size`, per-channel `mean`/`std`, and the short side to `resize` to first."
@@ -366,7 +385,7 @@ def image_transforms(preprocessing: ImagePreprocessing, train: bool = False,
     if a.jitter: steps.append(T.ColorJitter(brightness=a.jitter, contrast=a.jitter, saturation=a.jitter))
     return T.Compose(steps + normalize)
 
-# %% ../nbs/02_data.ipynb #5aff20ad
+# %% ../nbs/02_data.ipynb #9a9d266b
 def _stack(inputs: list):
     "Stack a list of tensors, or of tuples of tensors, along a new batch dimension."
     first = inputs[0]
@@ -413,7 +432,7 @@ def collate_images(samples: list) -> tuple:
     inputs, image_indices = zip(*samples)
     return _stack(list(inputs)), torch.tensor(image_indices, dtype=torch.long)
 
-# %% ../nbs/02_data.ipynb #898d2723
+# %% ../nbs/02_data.ipynb #e5b83647
 def show_images(items: Sequence[CaptionedImage], ncols: int = 4, n_captions: int = 2, size: float = 2.6):
     "Plot a grid of images, each with its first `n_captions` captions."
     import matplotlib.pyplot as plt
