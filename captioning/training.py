@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'CaptionModel', 'TrainConfig', 'caption_loss', 'make_optimizer', 'make_scheduler', 'autocast_for',
            'generate_captions', 'evaluate_model', 'atomic_save', 'rng_state', 'set_rng_state', 'CheckpointError',
-           'EpochSampler', 'curriculum_indices', 'fit', 'save_checkpoint', 'load_checkpoint', 'export_model',
+           'EpochBatches', 'curriculum_indices', 'fit', 'save_checkpoint', 'load_checkpoint', 'export_model',
            'load_exported', 'LivePlot']
 
-# %% ../nbs/05_training.ipynb #de538e7a
+# %% ../nbs/05_training.ipynb #c3d21ba5
 import json
 import math
 import os
@@ -34,7 +34,7 @@ from .encoder import ImageEncoder, bf16_autocast_available, build_encoder
 from .metrics import cider_d, evaluate_captions
 from .vocabulary import PAD_ID, Vocabulary
 
-# %% ../nbs/05_training.ipynb #9c3cb027
+# %% ../nbs/05_training.ipynb #5e8ddade
 class CaptionModel(nn.Module):
     "An image encoder and a caption decoder; takes pixels or cached `(global, regions)` features."
 
@@ -59,7 +59,7 @@ class CaptionModel(nn.Module):
         if beam_size == 1: return greedy_decode(self.decoder, global_features, region_features, max_len=max_len, **kwargs)
         return beam_search(self.decoder, global_features, region_features, beam_size=beam_size, max_len=max_len, **kwargs)
 
-# %% ../nbs/05_training.ipynb #2bd64694
+# %% ../nbs/05_training.ipynb #c71e08f7
 @dataclass
 class TrainConfig:
     "Hyper-parameters of a training run: plain data, saved with every checkpoint."
@@ -79,6 +79,7 @@ class TrainConfig:
     patience: int = 3  # early stopping: epochs without a better dev CIDEr before stopping
     eval_beam_size: int = 1  # decoding used for validation: greedy is fast and ranks epochs the same way
     max_len: int = 20  # longest generated caption, in words
+    bucket_by_length: bool = True  # batch captions of similar length: recurrent decoders loop over the longest one in a batch
     curriculum_epochs: int = 0  # short captions first: epoch e < curriculum_epochs uses the shortest fraction (e+1)/(curriculum_epochs+1)
     num_workers: int = 0  # DataLoader workers; 0 is best for cached features
     seed: int = 0
@@ -100,7 +101,7 @@ class TrainConfig:
         if unknown: raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-# %% ../nbs/05_training.ipynb #4230b30b
+# %% ../nbs/05_training.ipynb #bec249e1
 def caption_loss(output, targets: Tensor, label_smoothing: float = 0.0, attention_penalty: float = 0.0) -> Tensor:
     "Cross-entropy over non-pad targets `(B, T)`, plus the doubly stochastic penalty for attention outputs."
     logits = output.logits  # (B, T, V)
@@ -112,7 +113,7 @@ def caption_loss(output, targets: Tensor, label_smoothing: float = 0.0, attentio
         loss = loss + penalty / attention.shape[-1]  # mean over regions: lambda need not change with the grid size
     return loss
 
-# %% ../nbs/05_training.ipynb #ecfddd22
+# %% ../nbs/05_training.ipynb #d158d71a
 def make_optimizer(model: CaptionModel, config: TrainConfig) -> torch.optim.AdamW:
     "AdamW over the trainable parameters: the decoder at `lr`, encoder blocks at `encoder_lr`."
     groups = [{"name": "decoder", "params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": config.lr}]
@@ -134,7 +135,7 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * progress))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-# %% ../nbs/05_training.ipynb #d130acd1
+# %% ../nbs/05_training.ipynb #c054047b
 def autocast_for(device: torch.device, precision: str):
     "The autocast context for `precision` on `device` ('auto' picks bf16 where native), and its dtype or None."
     if precision == "auto": precision = "bf16" if bf16_autocast_available(device) else "fp32"
@@ -143,7 +144,7 @@ def autocast_for(device: torch.device, precision: str):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype), dtype
 
-# %% ../nbs/05_training.ipynb #308c910f
+# %% ../nbs/05_training.ipynb #0957457b
 @torch.no_grad()
 def generate_captions(model: CaptionModel, dataset: ImageDataset, vocab: Vocabulary, beam_size: int = 1,
                       max_len: int = 20, batch_size: int = 64, precision: str = "fp32", **kwargs) -> list[str]:
@@ -164,14 +165,14 @@ def generate_captions(model: CaptionModel, dataset: ImageDataset, vocab: Vocabul
         model.train(was_training)
     return captions
 
-# %% ../nbs/05_training.ipynb #a13db748
+# %% ../nbs/05_training.ipynb #77038350
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, dataset: ImageDataset, beam_size: int = 3,
                    max_len: int = 20, meteor: bool = True, **kwargs) -> tuple[dict, list[str]]:
     "Captions for every image of `dataset` and their metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; 0-1 scale, CIDEr-D 0-10)."
     captions = generate_captions(model, dataset, vocab, beam_size=beam_size, max_len=max_len, **kwargs)
     return evaluate_captions(captions, dataset.references, meteor=meteor), captions
 
-# %% ../nbs/05_training.ipynb #2240ce3f
+# %% ../nbs/05_training.ipynb #00d53706
 def atomic_save(obj, path) -> Path:
     "`torch.save` to `path` via a temporary file and an atomic rename: never a half-written file."
     path = Path(path)
@@ -204,18 +205,28 @@ def set_rng_state(state: dict) -> None:
 class CheckpointError(RuntimeError):
     "A checkpoint is missing, corrupt, or belongs to a different model or run."
 
-# %% ../nbs/05_training.ipynb #887eed94
-class EpochSampler(Sampler):
-    "A shuffled order of `indices` that depends only on `(seed, epoch)`, so a resumed run sees the same batches."
+# %% ../nbs/05_training.ipynb #93669732
+class EpochBatches(Sampler):
+    "Batches of `indices` shuffled by `(seed, epoch)` alone (a resumed run sees the same batches); optionally length-bucketed."
 
-    def __init__(self, indices: Sequence[int], seed: int, epoch: int):
-        self.indices, self.seed, self.epoch = list(indices), seed, epoch
+    def __init__(self, indices: Sequence[int], batch_size: int, seed: int, epoch: int,
+                 lengths: Sequence[int] | None = None, pool: int = 50):
+        self.indices, self.batch_size, self.seed, self.epoch = list(indices), batch_size, seed, epoch
+        self.lengths, self.pool = lengths, pool
 
-    def __len__(self) -> int: return len(self.indices)
+    def __len__(self) -> int: return math.ceil(len(self.indices) / self.batch_size)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter([self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()])
+        order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+        if self.lengths is not None:  # sort within pools of `pool` batches: similar lengths share a batch
+            size = self.batch_size * self.pool
+            order = [i for start in range(0, len(order), size)
+                     for i in sorted(order[start:start + size], key=lambda i: self.lengths[i])]
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.lengths is not None:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+        return iter(batches)
 
 
 def curriculum_indices(dataset: CaptionDataset, epoch: int, curriculum_epochs: int) -> list[int]:
@@ -225,7 +236,7 @@ def curriculum_indices(dataset: CaptionDataset, epoch: int, curriculum_epochs: i
     keep = max(1, int(len(dataset) * (epoch + 1) / (curriculum_epochs + 1)))
     return sorted(torch.argsort(lengths, stable=True)[:keep].tolist())
 
-# %% ../nbs/05_training.ipynb #b27c9df2
+# %% ../nbs/05_training.ipynb #c48244d9
 def _to_device(batch: CaptionBatch, device) -> CaptionBatch: return batch.to(device)
 
 
@@ -266,8 +277,9 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
                 break
         epoch_start = time.perf_counter()
         indices = curriculum_indices(train_set, epoch, config.curriculum_epochs)
-        loader = DataLoader(train_set, batch_size=config.batch_size, sampler=EpochSampler(indices, config.seed, epoch),
-                            collate_fn=collate_captions, num_workers=config.num_workers)
+        lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
+        batches = EpochBatches(indices, config.batch_size, config.seed, epoch, lengths)
+        loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_captions, num_workers=config.num_workers)
         model.train()
         total_loss, total_tokens, n_captions = 0.0, 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
@@ -319,7 +331,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     return state["history"]
 
-# %% ../nbs/05_training.ipynb #b08a18a0
+# %% ../nbs/05_training.ipynb #6e1e50d0
 def save_checkpoint(path, model, optimizer, scheduler, config: TrainConfig, state: dict) -> Path:
     "Write everything a resume needs, atomically."
     return atomic_save({"format": "captioning.checkpoint", "version": 1, "model": model.state_dict(),
@@ -348,7 +360,7 @@ def load_checkpoint(path, model, optimizer, scheduler, config: TrainConfig) -> d
     set_rng_state(checkpoint["rng"])
     return checkpoint["state"]
 
-# %% ../nbs/05_training.ipynb #51ed414c
+# %% ../nbs/05_training.ipynb #d7570bdb
 EXPORT_FORMAT = "captioning.export"
 
 
@@ -391,7 +403,7 @@ def load_exported(folder, device: str | torch.device = "cpu") -> tuple[CaptionMo
     model.encoder.freeze()
     return model.to(device).eval(), vocab, config
 
-# %% ../nbs/05_training.ipynb #547bc2cb
+# %% ../nbs/05_training.ipynb #fa194c8a
 class LivePlot:
     "A `fit` callback that redraws training loss and dev CIDEr-D after every epoch (in a notebook)."
 
