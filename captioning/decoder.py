@@ -369,7 +369,7 @@ def plot_attention(image, words: list[str], attention: Tensor, grid_size: tuple[
 
     if isinstance(image, Tensor) and image.shape[0] == 3:  # (3, H, W) -> (H, W, 3)
         image = image.permute(1, 2, 0)
-    image = torch.as_tensor(np.array(image)).detach().float().cpu()  # a PIL image, array or tensor: (H, W, 3)
+    image = (image if torch.is_tensor(image) else torch.as_tensor(np.array(image))).detach().float().cpu()  # a PIL image, array or tensor: (H, W, 3)
     if image.max() > 1: image = image / 255
     attention = torch.as_tensor(attention).detach().float().cpu()  # (L, N)
     L, N = attention.shape
