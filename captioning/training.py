@@ -8,7 +8,7 @@ __all__ = ['EXPORT_FORMAT', 'CaptionModel', 'TrainConfig', 'caption_loss', 'make
            'EpochBatches', 'curriculum_indices', 'fit', 'save_checkpoint', 'load_checkpoint', 'export_model',
            'load_exported', 'LivePlot']
 
-# %% ../nbs/05_training.ipynb #c3d21ba5
+# %% ../nbs/05_training.ipynb #2bcf4869
 import json
 import math
 import os
@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,15 +26,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
-from .data import (CaptionBatch, CaptionDataset, CaptionedImage, ImageDataset, ImagePreprocessing,
-                             collate_captions, collate_images)
+from .data import CaptionDataset, ImageDataset, ImagePreprocessing, collate_captions, collate_images
 from .decoder import (CaptionDecoder, DecoderConfig, beam_search, build_decoder,
                                 doubly_stochastic_penalty, greedy_decode)
 from .encoder import ImageEncoder, bf16_autocast_available, build_encoder
 from .metrics import cider_d, evaluate_captions
 from .vocabulary import PAD_ID, Vocabulary
 
-# %% ../nbs/05_training.ipynb #5e8ddade
+# %% ../nbs/05_training.ipynb #a8c477c2
 class CaptionModel(nn.Module):
     "An image encoder and a caption decoder; takes pixels or cached `(global, regions)` features."
 
@@ -59,7 +58,7 @@ class CaptionModel(nn.Module):
         if beam_size == 1: return greedy_decode(self.decoder, global_features, region_features, max_len=max_len, **kwargs)
         return beam_search(self.decoder, global_features, region_features, beam_size=beam_size, max_len=max_len, **kwargs)
 
-# %% ../nbs/05_training.ipynb #c71e08f7
+# %% ../nbs/05_training.ipynb #c1984f86
 @dataclass
 class TrainConfig:
     "Hyper-parameters of a training run: plain data, saved with every checkpoint."
@@ -101,7 +100,7 @@ class TrainConfig:
         if unknown: raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-# %% ../nbs/05_training.ipynb #bec249e1
+# %% ../nbs/05_training.ipynb #8f6554c6
 def caption_loss(output, targets: Tensor, label_smoothing: float = 0.0, attention_penalty: float = 0.0) -> Tensor:
     "Cross-entropy over non-pad targets `(B, T)`, plus the doubly stochastic penalty for attention outputs."
     logits = output.logits  # (B, T, V)
@@ -113,7 +112,7 @@ def caption_loss(output, targets: Tensor, label_smoothing: float = 0.0, attentio
         loss = loss + penalty / attention.shape[-1]  # mean over regions: lambda need not change with the grid size
     return loss
 
-# %% ../nbs/05_training.ipynb #d158d71a
+# %% ../nbs/05_training.ipynb #4be9c7f4
 def make_optimizer(model: CaptionModel, config: TrainConfig) -> torch.optim.AdamW:
     "AdamW over the trainable parameters: the decoder at `lr`, encoder blocks at `encoder_lr`."
     groups = [{"name": "decoder", "params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": config.lr}]
@@ -135,7 +134,7 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * progress))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-# %% ../nbs/05_training.ipynb #c054047b
+# %% ../nbs/05_training.ipynb #5fcb9917
 def autocast_for(device: torch.device, precision: str):
     "The autocast context for `precision` on `device` ('auto' picks bf16 where native), and its dtype or None."
     if precision == "auto": precision = "bf16" if bf16_autocast_available(device) else "fp32"
@@ -144,7 +143,7 @@ def autocast_for(device: torch.device, precision: str):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype), dtype
 
-# %% ../nbs/05_training.ipynb #0957457b
+# %% ../nbs/05_training.ipynb #8600f83d
 @torch.no_grad()
 def generate_captions(model: CaptionModel, dataset: ImageDataset, vocab: Vocabulary, beam_size: int = 1,
                       max_len: int = 20, batch_size: int = 64, precision: str = "fp32", **kwargs) -> list[str]:
@@ -165,14 +164,14 @@ def generate_captions(model: CaptionModel, dataset: ImageDataset, vocab: Vocabul
         model.train(was_training)
     return captions
 
-# %% ../nbs/05_training.ipynb #77038350
+# %% ../nbs/05_training.ipynb #df4f1768
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, dataset: ImageDataset, beam_size: int = 3,
                    max_len: int = 20, meteor: bool = True, **kwargs) -> tuple[dict, list[str]]:
     "Captions for every image of `dataset` and their metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; 0-1 scale, CIDEr-D 0-10)."
     captions = generate_captions(model, dataset, vocab, beam_size=beam_size, max_len=max_len, **kwargs)
     return evaluate_captions(captions, dataset.references, meteor=meteor), captions
 
-# %% ../nbs/05_training.ipynb #00d53706
+# %% ../nbs/05_training.ipynb #73c65801
 def atomic_save(obj, path) -> Path:
     "`torch.save` to `path` via a temporary file and an atomic rename: never a half-written file."
     path = Path(path)
@@ -205,7 +204,7 @@ def set_rng_state(state: dict) -> None:
 class CheckpointError(RuntimeError):
     "A checkpoint is missing, corrupt, or belongs to a different model or run."
 
-# %% ../nbs/05_training.ipynb #93669732
+# %% ../nbs/05_training.ipynb #77fa9803
 class EpochBatches(Sampler):
     "Batches of `indices` shuffled by `(seed, epoch)` alone (a resumed run sees the same batches); optionally length-bucketed."
 
@@ -236,10 +235,7 @@ def curriculum_indices(dataset: CaptionDataset, epoch: int, curriculum_epochs: i
     keep = max(1, int(len(dataset) * (epoch + 1) / (curriculum_epochs + 1)))
     return sorted(torch.argsort(lengths, stable=True)[:keep].tolist())
 
-# %% ../nbs/05_training.ipynb #c48244d9
-def _to_device(batch: CaptionBatch, device) -> CaptionBatch: return batch.to(device)
-
-
+# %% ../nbs/05_training.ipynb #a531ea7d
 def _model_signature(model: CaptionModel) -> dict:
     "Parameter names and shapes: a checkpoint must match them to be loaded."
     return {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -285,7 +281,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
-            batch = _to_device(batch, device)
+            batch = batch.to(device)
             with autocast:
                 output = model(batch.inputs, batch.decoder_inputs)
             loss = caption_loss(output, batch.targets, config.label_smoothing, config.attention_penalty)
@@ -331,7 +327,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     return state["history"]
 
-# %% ../nbs/05_training.ipynb #6e1e50d0
+# %% ../nbs/05_training.ipynb #41160607
 def save_checkpoint(path, model, optimizer, scheduler, config: TrainConfig, state: dict) -> Path:
     "Write everything a resume needs, atomically."
     return atomic_save({"format": "captioning.checkpoint", "version": 1, "model": model.state_dict(),
@@ -360,7 +356,7 @@ def load_checkpoint(path, model, optimizer, scheduler, config: TrainConfig) -> d
     set_rng_state(checkpoint["rng"])
     return checkpoint["state"]
 
-# %% ../nbs/05_training.ipynb #d7570bdb
+# %% ../nbs/05_training.ipynb #4051400a
 EXPORT_FORMAT = "captioning.export"
 
 
@@ -403,7 +399,7 @@ def load_exported(folder, device: str | torch.device = "cpu") -> tuple[CaptionMo
     model.encoder.freeze()
     return model.to(device).eval(), vocab, config
 
-# %% ../nbs/05_training.ipynb #fa194c8a
+# %% ../nbs/05_training.ipynb #bb18d024
 class LivePlot:
     "A `fit` callback that redraws training loss and dev CIDEr-D after every epoch (in a notebook)."
 
