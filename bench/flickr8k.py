@@ -56,7 +56,8 @@ def run(args) -> dict:
     start = time.perf_counter()
     status = captioning(["train", "--dataset", "flickr8k", "--root", str(root), "--decoder", "attention",
                          "--epochs", str(args.epochs), "--minutes", str(args.minutes), "--lr", str(args.lr),
-                         "--batch-size", "64", "--patience", "3", "--output", str(args.output),
+                         "--batch-size", str(args.batch_size), "--label-smoothing", str(args.label_smoothing),
+                         "--patience", "3", "--output", str(args.output),
                          "--cache-dir", str(args.output / "feature_cache"), "--beam-size", "3", "--restart"])
     if status: raise SystemExit(f"training failed with status {status}")
     minutes = (time.perf_counter() - start) / 60
@@ -80,6 +81,8 @@ if __name__ == "__main__":
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--minutes", type=float, default=23.0, help="training budget (features and evaluation come on top)")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     results = run(parser.parse_args())
     print("\nFlickr8k dev, attention decoder (beam 3; BLEU/METEOR/ROUGE-L 0-1, CIDEr-D 0-10):")
     for key, value in results.items():
