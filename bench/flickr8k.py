@@ -28,7 +28,7 @@ from captioning.training import CaptionModel, TrainConfig, caption_loss, make_op
 from captioning.vocabulary import Vocabulary
 
 
-def seed_recipe_captions_per_s(root: Path, steps: int = 6, batch_size: int = 32) -> float:
+def seed_recipe_captions_per_s(root: Path, steps: int = 20, batch_size: int = 32) -> float:
     "Training captions/s of the seed blog's recipe: frozen ResNet50 on pixels at every step + LSTM, fp32."
     corpus = load_flickr8k(root, splits=["train"])
     vocab = Vocabulary.build([c for item in corpus["train"] for c in item.captions], min_freq=5)
