@@ -8,7 +8,7 @@ __all__ = ['FLICKR8K_ENV', 'ImageLoadError', 'load_image', 'DatasetFormatError',
            'load_hf', 'load_corpus', 'default_corpus', 'CaptionDataset', 'ImageDataset', 'ImagePreprocessing',
            'Augmentation', 'image_transforms', 'CaptionBatch', 'collate_captions', 'collate_images', 'show_images']
 
-# %% ../nbs/02_data.ipynb #b9387033
+# %% ../nbs/02_data.ipynb #ffdd132b
 import csv
 import hashlib
 import json
@@ -19,12 +19,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from .vocabulary import PAD_ID, Vocabulary
 
-# %% ../nbs/02_data.ipynb #8cc0a6e0
+# %% ../nbs/02_data.ipynb #6db859fd
 class ImageLoadError(OSError):
     "An image file is missing, unreadable or corrupt; the message names the file."
 
@@ -55,7 +56,7 @@ def load_image(path) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"cannot read image {path}: {e}") from None
 
-# %% ../nbs/02_data.ipynb #e5baec15
+# %% ../nbs/02_data.ipynb #13d02f13
 class DatasetFormatError(ValueError):
     "A dataset file is malformed; the message names the file and line."
 
@@ -75,7 +76,7 @@ class CaptionedImage:
         image = self.image() if callable(self.image) else self.image
         return _to_rgb(image)
 
-# %% ../nbs/02_data.ipynb #bf930b2c
+# %% ../nbs/02_data.ipynb #df92e09e
 FLICKR8K_ENV = "CAPTIONING_FLICKR8K"
 _FLICKR8K_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "dev": "Flickr_8k.devImages.txt",
                          "test": "Flickr_8k.testImages.txt"}
@@ -142,7 +143,7 @@ def load_flickr8k(root=None, splits: Sequence[str] | None = None) -> dict[str, l
         split_names[split] = [(name.strip(), f"{list_file}:{n}") for n, name in _read_lines(list_file)]
     return _assemble(captions, split_names, root / "Images")
 
-# %% ../nbs/02_data.ipynb #75b861e3
+# %% ../nbs/02_data.ipynb #77a94821
 def write_fake_flickr8k(root, n_images: int = 6, captions_per_image: int = 5) -> Path:
     "Write a tiny Flickr8k-layout folder of solid-colour images, for tests and examples."
     root = Path(root)
@@ -161,7 +162,7 @@ def write_fake_flickr8k(root, n_images: int = 6, captions_per_image: int = 5) ->
     for split, file in _FLICKR8K_SPLIT_FILES.items(): (root / file).write_text("\n".join(splits[split]) + "\n")
     return root
 
-# %% ../nbs/02_data.ipynb #c5fc854b
+# %% ../nbs/02_data.ipynb #9d6ca339
 def _hash_split(names: Iterable[str], n_dev: int, n_test: int) -> dict[str, list[str]]:
     "A deterministic split of image names: order by a hash of the name, then cut."
     ordered = sorted(set(names), key=lambda n: hashlib.md5(n.encode()).hexdigest())
@@ -196,7 +197,7 @@ def load_flickr8k_csv(root, n_dev: int = 1000, n_test: int = 1000) -> dict[str, 
                        for s, names in _hash_split(captions, n_dev, n_test).items()}
     return _assemble(captions, split_names, root / "Images")
 
-# %% ../nbs/02_data.ipynb #6be10067
+# %% ../nbs/02_data.ipynb #535b7781
 _KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
 
@@ -221,7 +222,7 @@ def load_karpathy(json_path, images_root) -> dict[str, list[CaptionedImage]]:
         corpus[_KARPATHY_SPLITS[split]].append(CaptionedImage(filename, captions, path=path))
     return {split: items for split, items in corpus.items() if items}
 
-# %% ../nbs/02_data.ipynb #06b485d5
+# %% ../nbs/02_data.ipynb #8d075292
 class DatasetUnavailable(RuntimeError):
     "A dataset could not be downloaded or found; the message says why and what to use instead."
 
@@ -283,7 +284,7 @@ def load_hf(name: str, data_dir=None, image_column: str = "image", caption_colum
                 _hf_rows_to_items(rows, image_column, caption_column, id_column, f"{name}:{hf_split}"))
     return corpus
 
-# %% ../nbs/02_data.ipynb #4b9942a4
+# %% ../nbs/02_data.ipynb #a6661c99
 def load_corpus(name: str = "synthetic", root=None, **kwargs) -> dict[str, list[CaptionedImage]]:
     "Load a corpus by name: 'synthetic', 'flickr8k', 'flickr8k_csv', 'karpathy' (root = JSON file) or 'hf'."
     if name == "synthetic":
@@ -307,7 +308,7 @@ def default_corpus(verbose: bool = True, **synthetic_kwargs) -> tuple[str, dict[
         print(f"Using {name}" + (f" from {root}" if root else " (set CAPTIONING_FLICKR8K for real photos)") + f" — {sizes}")
     return name, corpus
 
-# %% ../nbs/02_data.ipynb #dc1c0f18
+# %% ../nbs/02_data.ipynb #dbe1e1d3
 class CaptionDataset(Dataset):
     "Training view: one sample `(input, caption ids, image index)` per (image, caption) pair."
 
@@ -349,7 +350,7 @@ def _model_input(dataset, image_index: int):
     image = dataset.images[image_index].load()
     return dataset.transform(image) if dataset.transform else image
 
-# %% ../nbs/02_data.ipynb #1f14d31f
+# %% ../nbs/02_data.ipynb #8b570209
 @dataclass(frozen=True)
 class ImagePreprocessing:
     "What an encoder expects: square input `size`, per-channel `mean`/`std`, and the short side to `resize` to first."
@@ -385,7 +386,7 @@ def image_transforms(preprocessing: ImagePreprocessing, train: bool = False,
     if a.jitter: steps.append(T.ColorJitter(brightness=a.jitter, contrast=a.jitter, saturation=a.jitter))
     return T.Compose(steps + normalize)
 
-# %% ../nbs/02_data.ipynb #9a9d266b
+# %% ../nbs/02_data.ipynb #22c311b7
 def _stack(inputs: list):
     "Stack a list of tensors, or of tuples of tensors, along a new batch dimension."
     first = inputs[0]
@@ -422,8 +423,7 @@ def collate_captions(samples: list, pad_id: int = PAD_ID) -> CaptionBatch:
     "Collate `CaptionDataset` samples: stack inputs, right-pad captions with `pad_id`."
     inputs, captions, image_indices = zip(*samples)
     lengths = torch.tensor([len(c) for c in captions], dtype=torch.long)
-    padded = torch.full((len(captions), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
-    for row, caption in enumerate(captions): padded[row, :len(caption)] = caption
+    padded = pad_sequence(list(captions), batch_first=True, padding_value=pad_id)  # (B, T)
     return CaptionBatch(_stack(list(inputs)), padded, lengths, torch.tensor(image_indices, dtype=torch.long))
 
 
@@ -432,7 +432,7 @@ def collate_images(samples: list) -> tuple:
     inputs, image_indices = zip(*samples)
     return _stack(list(inputs)), torch.tensor(image_indices, dtype=torch.long)
 
-# %% ../nbs/02_data.ipynb #e5b83647
+# %% ../nbs/02_data.ipynb #1180c9e3
 def show_images(items: Sequence[CaptionedImage], ncols: int = 4, n_captions: int = 2, size: float = 2.6):
     "Plot a grid of images, each with its first `n_captions` captions."
     import matplotlib.pyplot as plt

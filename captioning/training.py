@@ -8,7 +8,7 @@ __all__ = ['EXPORT_FORMAT', 'CaptionModel', 'TrainConfig', 'caption_loss', 'make
            'EpochBatches', 'curriculum_indices', 'fit', 'save_checkpoint', 'load_checkpoint', 'export_model',
            'load_exported', 'LivePlot']
 
-# %% ../nbs/05_training.ipynb #2bcf4869
+# %% ../nbs/05_training.ipynb #39180297
 import json
 import math
 import os
@@ -33,7 +33,7 @@ from .encoder import ImageEncoder, bf16_autocast_available, build_encoder
 from .metrics import cider_d, evaluate_captions
 from .vocabulary import PAD_ID, Vocabulary
 
-# %% ../nbs/05_training.ipynb #a8c477c2
+# %% ../nbs/05_training.ipynb #32dd2cae
 class CaptionModel(nn.Module):
     "An image encoder and a caption decoder; takes pixels or cached `(global, regions)` features."
 
@@ -58,7 +58,7 @@ class CaptionModel(nn.Module):
         if beam_size == 1: return greedy_decode(self.decoder, global_features, region_features, max_len=max_len, **kwargs)
         return beam_search(self.decoder, global_features, region_features, beam_size=beam_size, max_len=max_len, **kwargs)
 
-# %% ../nbs/05_training.ipynb #c1984f86
+# %% ../nbs/05_training.ipynb #20ca8b8d
 @dataclass
 class TrainConfig:
     "Hyper-parameters of a training run: plain data, saved with every checkpoint."
@@ -100,7 +100,7 @@ class TrainConfig:
         if unknown: raise ValueError(f"unknown TrainConfig fields: {sorted(unknown)}")
         return cls(**d)
 
-# %% ../nbs/05_training.ipynb #8f6554c6
+# %% ../nbs/05_training.ipynb #cc576a2a
 def caption_loss(output, targets: Tensor, label_smoothing: float = 0.0, attention_penalty: float = 0.0) -> Tensor:
     "Cross-entropy over non-pad targets `(B, T)`, plus the doubly stochastic penalty for attention outputs."
     logits = output.logits  # (B, T, V)
@@ -112,7 +112,7 @@ def caption_loss(output, targets: Tensor, label_smoothing: float = 0.0, attentio
         loss = loss + penalty / attention.shape[-1]  # mean over regions: lambda need not change with the grid size
     return loss
 
-# %% ../nbs/05_training.ipynb #4be9c7f4
+# %% ../nbs/05_training.ipynb #3bc4c5b4
 def make_optimizer(model: CaptionModel, config: TrainConfig) -> torch.optim.AdamW:
     "AdamW over the trainable parameters: the decoder at `lr`, encoder blocks at `encoder_lr`."
     groups = [{"name": "decoder", "params": [p for p in model.decoder.parameters() if p.requires_grad], "lr": config.lr}]
@@ -134,7 +134,7 @@ def make_scheduler(optimizer, config: TrainConfig, total_steps: int):
         return 0.5 * (1 + math.cos(math.pi * progress))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
-# %% ../nbs/05_training.ipynb #5fcb9917
+# %% ../nbs/05_training.ipynb #54f7e02a
 def autocast_for(device: torch.device, precision: str):
     "The autocast context for `precision` on `device` ('auto' picks bf16 where native), and its dtype or None."
     if precision == "auto": precision = "bf16" if bf16_autocast_available(device) else "fp32"
@@ -143,7 +143,7 @@ def autocast_for(device: torch.device, precision: str):
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype), dtype
 
-# %% ../nbs/05_training.ipynb #8600f83d
+# %% ../nbs/05_training.ipynb #b8c27596
 @torch.no_grad()
 def generate_captions(model: CaptionModel, dataset: ImageDataset, vocab: Vocabulary, beam_size: int = 1,
                       max_len: int = 20, batch_size: int = 64, precision: str = "fp32", **kwargs) -> list[str]:
@@ -164,14 +164,14 @@ def generate_captions(model: CaptionModel, dataset: ImageDataset, vocab: Vocabul
         model.train(was_training)
     return captions
 
-# %% ../nbs/05_training.ipynb #df4f1768
+# %% ../nbs/05_training.ipynb #f46be527
 def evaluate_model(model: CaptionModel, vocab: Vocabulary, dataset: ImageDataset, beam_size: int = 3,
                    max_len: int = 20, meteor: bool = True, **kwargs) -> tuple[dict, list[str]]:
     "Captions for every image of `dataset` and their metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D; 0-1 scale, CIDEr-D 0-10)."
     captions = generate_captions(model, dataset, vocab, beam_size=beam_size, max_len=max_len, **kwargs)
     return evaluate_captions(captions, dataset.references, meteor=meteor), captions
 
-# %% ../nbs/05_training.ipynb #73c65801
+# %% ../nbs/05_training.ipynb #8e38342b
 def atomic_save(obj, path) -> Path:
     "`torch.save` to `path` via a temporary file and an atomic rename: never a half-written file."
     path = Path(path)
@@ -204,7 +204,7 @@ def set_rng_state(state: dict) -> None:
 class CheckpointError(RuntimeError):
     "A checkpoint is missing, corrupt, or belongs to a different model or run."
 
-# %% ../nbs/05_training.ipynb #77fa9803
+# %% ../nbs/05_training.ipynb #0157e547
 class EpochBatches(Sampler):
     "Batches of `indices` shuffled by `(seed, epoch)` alone (a resumed run sees the same batches); optionally length-bucketed."
 
@@ -235,7 +235,7 @@ def curriculum_indices(dataset: CaptionDataset, epoch: int, curriculum_epochs: i
     keep = max(1, int(len(dataset) * (epoch + 1) / (curriculum_epochs + 1)))
     return sorted(torch.argsort(lengths, stable=True)[:keep].tolist())
 
-# %% ../nbs/05_training.ipynb #a531ea7d
+# %% ../nbs/05_training.ipynb #6d95b6ea
 def _model_signature(model: CaptionModel) -> dict:
     "Parameter names and shapes: a checkpoint must match them to be loaded."
     return {k: list(v.shape) for k, v in model.state_dict().items()}
@@ -262,6 +262,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         state = load_checkpoint(checkpoint_path, model, optimizer, scheduler, config)
         if progress: print(f"resumed from {checkpoint_path} at epoch {state['epoch']} (best dev CIDEr {state['best_score']:.3f})")
     references = dev_set.references
+    lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
     epoch_bar = tqdm(total=config.epochs, initial=state["epoch"], desc="epochs", disable=not progress)
     epoch_times = [h["seconds"] for h in state["history"]]
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
@@ -273,7 +274,6 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
                 break
         epoch_start = time.perf_counter()
         indices = curriculum_indices(train_set, epoch, config.curriculum_epochs)
-        lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
         batches = EpochBatches(indices, config.batch_size, config.seed, epoch, lengths)
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_captions, num_workers=config.num_workers)
         model.train()
@@ -327,7 +327,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
     return state["history"]
 
-# %% ../nbs/05_training.ipynb #41160607
+# %% ../nbs/05_training.ipynb #17f4ebf2
 def save_checkpoint(path, model, optimizer, scheduler, config: TrainConfig, state: dict) -> Path:
     "Write everything a resume needs, atomically."
     return atomic_save({"format": "captioning.checkpoint", "version": 1, "model": model.state_dict(),
@@ -356,7 +356,7 @@ def load_checkpoint(path, model, optimizer, scheduler, config: TrainConfig) -> d
     set_rng_state(checkpoint["rng"])
     return checkpoint["state"]
 
-# %% ../nbs/05_training.ipynb #4051400a
+# %% ../nbs/05_training.ipynb #a176ef83
 EXPORT_FORMAT = "captioning.export"
 
 
@@ -399,7 +399,7 @@ def load_exported(folder, device: str | torch.device = "cpu") -> tuple[CaptionMo
     model.encoder.freeze()
     return model.to(device).eval(), vocab, config
 
-# %% ../nbs/05_training.ipynb #bb18d024
+# %% ../nbs/05_training.ipynb #645e108a
 class LivePlot:
     "A `fit` callback that redraws training loss and dev CIDEr-D after every epoch (in a notebook)."
 
