@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'CaptionModel', 'TrainConfig', 'caption_loss', 'make_optimizer', 'make_scheduler', 'autocast_for',
            'generate_captions', 'evaluate_model', 'atomic_save', 'rng_state', 'set_rng_state', 'CheckpointError',
-           'EpochBatches', 'curriculum_indices', 'fit', 'save_checkpoint', 'load_checkpoint', 'export_model',
-           'load_exported', 'LivePlot']
+           'EpochBatches', 'curriculum_indices', 'CrossEntropyObjective', 'fit', 'save_checkpoint', 'load_checkpoint',
+           'export_model', 'load_exported', 'LivePlot']
 
 # %% ../nbs/05_training.ipynb #39180297
 import json
@@ -235,6 +235,24 @@ def curriculum_indices(dataset: CaptionDataset, epoch: int, curriculum_epochs: i
     keep = max(1, int(len(dataset) * (epoch + 1) / (curriculum_epochs + 1)))
     return sorted(torch.argsort(lengths, stable=True)[:keep].tolist())
 
+# %% ../nbs/05_training.ipynb #3f1b98b0
+class CrossEntropyObjective:
+    "The default objective of `fit`: teacher-forced cross-entropy over every (image, caption) pair of an epoch."
+    name = "cross-entropy"
+
+    def indices(self, train_set: CaptionDataset, epoch: int, config: TrainConfig) -> list[int]:
+        "The pairs of `train_set` that epoch `epoch` trains on (all, or the curriculum's shortest)."
+        return curriculum_indices(train_set, epoch, config.curriculum_epochs)
+
+    def loss(self, model: CaptionModel, batch, train_set: CaptionDataset, config: TrainConfig) -> Tensor:
+        "The scalar loss of one `CaptionBatch` (called under the run's autocast)."
+        output = model(batch.inputs, batch.decoder_inputs)
+        return caption_loss(output, batch.targets, config.label_smoothing, config.attention_penalty)
+
+    def summary(self) -> dict:
+        "Extra figures for the epoch's history record (none here); called once at the end of every epoch."
+        return {}
+
 # %% ../nbs/05_training.ipynb #6d95b6ea
 def _model_signature(model: CaptionModel) -> dict:
     "Parameter names and shapes: a checkpoint must match them to be loaded."
@@ -243,9 +261,10 @@ def _model_signature(model: CaptionModel) -> dict:
 
 def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_set: ImageDataset,
         config: TrainConfig, run_dir, resume: bool = True, callbacks: Sequence[Callable] = (),
-        progress: bool = True) -> list[dict]:
+        progress: bool = True, objective=None) -> list[dict]:
     "Train with validation by dev CIDEr-D, early stopping, atomic checkpoints and exact resume; returns the history."
     from tqdm.auto import tqdm
+    objective = objective or CrossEntropyObjective()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -273,7 +292,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
                 if progress: print(f"stopping: the next epoch would exceed the {config.max_minutes} min budget")
                 break
         epoch_start = time.perf_counter()
-        indices = curriculum_indices(train_set, epoch, config.curriculum_epochs)
+        indices = objective.indices(train_set, epoch, config)
         batches = EpochBatches(indices, config.batch_size, config.seed, epoch, lengths)
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_captions, num_workers=config.num_workers)
         model.train()
@@ -283,8 +302,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         for i, batch in enumerate(bar):
             batch = batch.to(device)
             with autocast:
-                output = model(batch.inputs, batch.decoder_inputs)
-            loss = caption_loss(output, batch.targets, config.label_smoothing, config.attention_penalty)
+                loss = objective.loss(model, batch, train_set, config)
             (scaler.scale(loss / config.accumulate) if scaler else loss / config.accumulate).backward()
             if (i + 1) % config.accumulate == 0 or i + 1 == len(loader):
                 if scaler: scaler.unscale_(optimizer)
@@ -312,7 +330,7 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         epoch_times.append(seconds)
         record = {"epoch": epoch + 1, "train_loss": total_loss / max(1, total_tokens), "dev_cider": score,
                   "lr": optimizer.param_groups[0]["lr"], "captions_per_s": n_captions / train_seconds,
-                  "seconds": seconds, "improved": improved, "sample": candidates[0]}
+                  "seconds": seconds, "improved": improved, "sample": candidates[0], **objective.summary()}
         state["history"].append(record)
         state["epoch"] = epoch + 1
         save_checkpoint(checkpoint_path, model, optimizer, scheduler, config, state)

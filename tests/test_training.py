@@ -94,3 +94,23 @@ def test_export_round_trip_and_mismatch(tmp_path):
     (folder / "vocab.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="expects"):
         load_exported(folder)
+
+
+def test_a_custom_objective_chooses_examples_and_loss_and_reports_figures(tmp_path):
+    from captioning.training import CrossEntropyObjective
+
+    class FirstPairsOnly(CrossEntropyObjective):
+        "Cross-entropy on the first 8 pairs only, counting the captions it saw."
+        def __init__(self): self.seen = []
+        def indices(self, train_set, epoch, config): return list(range(8))
+        def loss(self, model, batch, train_set, config):
+            self.seen += batch.image_indices.tolist()
+            return super().loss(model, batch, train_set, config)
+        def summary(self): return {"captions_seen": len(self.seen)}
+
+    model, vocab, train, dev = setup()
+    objective = FirstPairsOnly()
+    history = fit(model, vocab, train, dev, CONFIG, tmp_path, progress=False, objective=objective)
+    first_images = {train.pairs[i][0] for i in range(8)}
+    assert set(objective.seen) <= first_images and len(objective.seen) == 8 * CONFIG.epochs
+    assert [h["captions_seen"] for h in history] == [8, 16, 24]
