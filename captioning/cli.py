@@ -17,6 +17,7 @@ import torch
 
 from .data import (CaptionDataset, DatasetFormatError, DatasetUnavailable, ImageDataset, ImageLoadError,
                              find_flickr8k, image_transforms, load_corpus, load_image, show_images)
+from .distributed import is_main, rank_zero_first, torchrun_session, world_size
 from .decoder import DECODER_KINDS, DecoderConfig, build_decoder
 from .encoder import ENCODERS, PretrainedWeightsUnavailable, build_encoder, extract_features
 from .metrics import METRIC_NAMES
@@ -82,17 +83,27 @@ _SIZES = {"small": dict(embed_dim=128, hidden_dim=256, attention_dim=128), "base
 
 
 def train_command(args) -> int:
-    "Train a captioning model and export it; prints dev metrics and sample captions."
+    "Train a captioning model and export it; prints dev metrics and sample captions. Under torchrun: one process per GPU."
+    with torchrun_session(args.device) as device:
+        return _train(args, device)
+
+
+def _train(args, device: torch.device) -> int:
+    "The training run of `train_command`, in this process (rank 0 of a torchrun job reports and exports)."
     start = time.perf_counter()
     corpus = corpus_from_args(args)
     train_items, dev_items = _split(corpus, "train"), _split(corpus, "dev")
     min_freq = args.min_freq if args.min_freq is not None else (1 if args.dataset == "synthetic" else 5)
     vocab = Vocabulary.build([c for item in train_items for c in item.captions], min_freq=min_freq)
-    device = _device(args.device)
     encoder = build_encoder(args.encoder, pretrained=True).to(device)
-    print(f"{args.dataset}: {len(train_items):,} training / {len(dev_items):,} dev images; {vocab}; encoder {args.encoder} on {device}")
-    train_features = extract_features(encoder, train_items, args.cache_dir)
-    dev_features = extract_features(encoder, dev_items, args.cache_dir)
+    main_process = is_main()
+    if main_process:
+        print(f"{args.dataset}: {len(train_items):,} training / {len(dev_items):,} dev images; {vocab}; encoder {args.encoder} on {device}"
+              + (f" x {world_size()} processes" if world_size() > 1 else ""))
+
+    def extract(items):  # rank 0 fills the feature cache; the other processes wait, then read it
+        return rank_zero_first(lambda: extract_features(encoder, items, args.cache_dir, verbose=main_process))
+    train_features, dev_features = extract(train_items), extract(dev_items)
     size = _SIZES[args.size or ("small" if args.dataset == "synthetic" else "base")]
     decoder = build_decoder(DecoderConfig(vocab_size=len(vocab), feature_dim=encoder.feature_dim, kind=args.decoder,
                                           dropout=args.dropout, **size))
@@ -112,6 +123,8 @@ def train_command(args) -> int:
             ImageDataset(dev_items, image_transforms(prep)), fine_tune, Path(args.output) / "fine-tune",
             resume=not args.restart)
         model.encoder.freeze()
+    if not main_process: return 0  # rank 0 evaluates, prints and exports
+    if args.fine_tune_blocks:
         dev_set = ImageDataset(dev_items, features=extract_features(model.encoder, dev_items, args.cache_dir))
     metrics, captions = evaluate_model(model, vocab, dev_set, beam_size=args.beam_size, meteor=not args.no_meteor)
     export = export_model(model, vocab, Path(args.output) / "export", generation={"beam_size": args.beam_size, "max_len": 20},
@@ -258,3 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"captioning {args.command}: interrupted; a training run resumes from its last checkpoint", file=sys.stderr)
         return 130
+
+# %% ../nbs/10_cli.ipynb #8e2f4b61
+if __name__ == "__main__" and "__file__" in globals():  # `python -m captioning.cli`, `torchrun -m captioning.cli`
+    sys.exit(main())

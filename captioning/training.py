@@ -24,9 +24,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from .data import CaptionDataset, ImageDataset, ImagePreprocessing, collate_captions, collate_images
+from .distributed import (ShardedBatches, all_gather_objects, barrier, broadcast_object, broadcast_tensors,
+                                    is_main, rank, rank_slice, sum_across_ranks, world_size)
 from .decoder import (CaptionDecoder, DecoderConfig, beam_search, build_decoder,
                                 doubly_stochastic_penalty, greedy_decode)
 from .encoder import ImageEncoder, bf16_autocast_available, build_encoder
@@ -249,6 +252,10 @@ class CrossEntropyObjective:
         output = model(batch.inputs, batch.decoder_inputs)
         return caption_loss(output, batch.targets, config.label_smoothing, config.attention_penalty)
 
+    def weight(self, batch) -> float:
+        "How much `batch` counts when processes average their mean losses: its non-pad target tokens."
+        return float((batch.targets != PAD_ID).sum())
+
     def summary(self) -> dict:
         "Extra figures for the epoch's history record (none here); called once at the end of every epoch."
         return {}
@@ -259,52 +266,91 @@ def _model_signature(model: CaptionModel) -> dict:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
 
+class _ObjectiveStep(nn.Module):
+    "An objective's loss as a module's forward: DDP wraps this, so it synchronises whichever parameters the objective used."
+
+    def __init__(self, model: CaptionModel, objective, train_set: CaptionDataset, config: TrainConfig):
+        super().__init__()
+        self.model, self.objective, self.train_set, self.config = model, objective, train_set, config
+
+    def forward(self, batch) -> Tensor: return self.objective.loss(self.model, batch, self.train_set, self.config)
+
+
+def _rank_share(objective, batch, world: int) -> float:
+    "`W * w_r / sum(w)`: scaling rank r's mean loss by it makes DDP's gradient mean equal one process's mean over the global batch."
+    if not hasattr(objective, "weight"): return 1.0  # the objective does not say: every rank's batch counts the same
+    mine = objective.weight(batch)
+    total, = sum_across_ranks(mine)
+    return world * mine / total if total > 0 else 1.0
+
+
+def _dev_captions(model: CaptionModel, dev_set: ImageDataset, vocab: Vocabulary, config: TrainConfig) -> list[str]:
+    "Validation captions for every dev image; with several processes each captions its share and all gather them."
+    kwargs = dict(beam_size=config.eval_beam_size, max_len=config.max_len, precision=config.precision)
+    if world_size() == 1: return generate_captions(model, dev_set, vocab, **kwargs)
+    share = Subset(dev_set, range(len(dev_set))[rank_slice(len(dev_set), rank(), world_size())])
+    return [c for captions in all_gather_objects(generate_captions(model, share, vocab, **kwargs)) for c in captions]
+
+
 def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_set: ImageDataset,
         config: TrainConfig, run_dir, resume: bool = True, callbacks: Sequence[Callable] = (),
         progress: bool = True, objective=None) -> list[dict]:
-    "Train with validation by dev CIDEr-D, early stopping, atomic checkpoints and exact resume; returns the history."
+    "Train with validation by dev CIDEr-D, early stopping, atomic checkpoints and exact resume; under torchrun, with DDP."
     from tqdm.auto import tqdm
     objective = objective or CrossEntropyObjective()
+    world, main = world_size(), is_main()  # 1 and True in a single process
+    show = progress and main  # only rank 0 prints, draws progress bars and writes files
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if main: run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     autocast, amp_dtype = autocast_for(device, config.precision)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * config.accumulate))
+    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * world * config.accumulate))
     scheduler = make_scheduler(optimizer, config, total_steps=steps_per_epoch * config.epochs)
-    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": []}
-    torch.manual_seed(config.seed); random.seed(config.seed); np.random.seed(config.seed)
+    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "world_size": world}
+    seed = config.seed + rank()  # each rank its own dropout masks
+    torch.manual_seed(seed); random.seed(seed); np.random.seed(seed)
 
     checkpoint_path = run_dir / "checkpoint.pt"
-    if resume and checkpoint_path.exists():
+    if resume and broadcast_object(checkpoint_path.exists()):  # rank 0's folder decides; every rank loads the file
         state = load_checkpoint(checkpoint_path, model, optimizer, scheduler, config)
-        if progress: print(f"resumed from {checkpoint_path} at epoch {state['epoch']} (best dev CIDEr {state['best_score']:.3f})")
+        if state.get("world_size", 1) != world:
+            raise CheckpointError(f"{checkpoint_path} was written by {state.get('world_size', 1)} processes, not {world}: "
+                                  "the global batch would change; use as many processes, or resume=False")
+        if world > 1: set_rng_state(state["rng_per_rank"][rank()])
+        if show: print(f"resumed from {checkpoint_path} at epoch {state['epoch']} (best dev CIDEr {state['best_score']:.3f})")
     references = dev_set.references
     lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
-    epoch_bar = tqdm(total=config.epochs, initial=state["epoch"], desc="epochs", disable=not progress)
+    ddp = DistributedDataParallel(_ObjectiveStep(model, objective, train_set, config)) if world > 1 else None
+    epoch_bar = tqdm(total=config.epochs, initial=state["epoch"], desc="epochs", disable=not show)
     epoch_times = [h["seconds"] for h in state["history"]]
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
         epoch = state["epoch"]
         if config.max_minutes is not None and epoch_times:
             spent = sum(epoch_times)
             if spent + np.mean(epoch_times) > config.max_minutes * 60:
-                if progress: print(f"stopping: the next epoch would exceed the {config.max_minutes} min budget")
+                if show: print(f"stopping: the next epoch would exceed the {config.max_minutes} min budget")
                 break
         epoch_start = time.perf_counter()
         indices = objective.indices(train_set, epoch, config)
-        batches = EpochBatches(indices, config.batch_size, config.seed, epoch, lengths)
+        batches = EpochBatches(indices, config.batch_size * world, config.seed, epoch, lengths)
+        if world > 1: batches = ShardedBatches(batches, rank(), world)  # this rank's part of every global batch
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_captions, num_workers=config.num_workers)
         model.train()
         total_loss, total_tokens, n_captions = 0.0, 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show)
         optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(bar):
             batch = batch.to(device)
-            with autocast:
-                loss = objective.loss(model, batch, train_set, config)
-            (scaler.scale(loss / config.accumulate) if scaler else loss / config.accumulate).backward()
-            if (i + 1) % config.accumulate == 0 or i + 1 == len(loader):
+            update = (i + 1) % config.accumulate == 0 or i + 1 == len(loader)
+            with ddp.no_sync() if ddp and not update else nullcontext():  # ranks average gradients once per step
+                with autocast:
+                    loss = ddp(batch) if ddp else objective.loss(model, batch, train_set, config)
+                share = loss / config.accumulate
+                if ddp: share = share * _rank_share(objective, batch, world)
+                (scaler.scale(share) if scaler else share).backward()
+            if update:
                 if scaler: scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 if scaler: scaler.step(optimizer); scaler.update()
@@ -315,34 +361,39 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
             tokens = int((batch.targets != PAD_ID).sum())
             total_loss += loss.item() * tokens; total_tokens += tokens; n_captions += len(batch.captions)
             bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
+        if world > 1: total_loss, total_tokens, n_captions = sum_across_ranks(total_loss, total_tokens, n_captions)
         train_seconds = time.perf_counter() - epoch_start
-        candidates = generate_captions(model, dev_set, vocab, beam_size=config.eval_beam_size, max_len=config.max_len,
-                                       precision=config.precision)
-        score = cider_d(candidates, references)
+        candidates = _dev_captions(model, dev_set, vocab, config)
+        score = broadcast_object(cider_d(candidates, references) if main else None)
         if config.schedule == "plateau": scheduler.step(score)
         improved = score > state["best_score"]
         if improved:
             state.update(best_score=score, best_epoch=epoch, bad_epochs=0)
-            atomic_save({"model": model.state_dict(), "epoch": epoch, "dev_cider": score}, run_dir / "best.pt")
+            if main: atomic_save({"model": model.state_dict(), "epoch": epoch, "dev_cider": score}, run_dir / "best.pt")
         else:
             state["bad_epochs"] += 1
         seconds = time.perf_counter() - epoch_start
-        epoch_times.append(seconds)
         record = {"epoch": epoch + 1, "train_loss": total_loss / max(1, total_tokens), "dev_cider": score,
                   "lr": optimizer.param_groups[0]["lr"], "captions_per_s": n_captions / train_seconds,
                   "seconds": seconds, "improved": improved, "sample": candidates[0], **objective.summary()}
+        record = broadcast_object(record)  # rank 0's timings everywhere: the time budget stops every rank together
+        epoch_times.append(record["seconds"])
         state["history"].append(record)
         state["epoch"] = epoch + 1
-        save_checkpoint(checkpoint_path, model, optimizer, scheduler, config, state)
-        (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        if world > 1: state["rng_per_rank"] = all_gather_objects(rng_state())
+        if main:
+            save_checkpoint(checkpoint_path, model, optimizer, scheduler, config, state)
+            (run_dir / "history.json").write_text(json.dumps(state["history"], indent=1))
+        barrier()  # no rank goes on before the checkpoint is complete
         epoch_bar.update(1)
-        if progress:
+        if show:
             tqdm.write(f"epoch {epoch + 1:>2}: loss {record['train_loss']:.3f}  dev CIDEr-D {score:.3f}{' *' if improved else '  '}"
                   f"  {record['captions_per_s']:.0f} captions/s  {seconds:.0f} s  | {candidates[0]}")
         for callback in callbacks: callback(state["history"])
     epoch_bar.close()
-    if (run_dir / "best.pt").exists():
-        model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
+    if broadcast_object((run_dir / "best.pt").exists()):
+        if main: model.load_state_dict(torch.load(run_dir / "best.pt", weights_only=True)["model"])
+        broadcast_tensors(model.state_dict().values())  # the other ranks take rank 0's best weights
     return state["history"]
 
 # %% ../nbs/05_training.ipynb #17f4ebf2
