@@ -23,7 +23,7 @@ __all__ = ['DECODER_KINDS', 'FEED_FEATURES', 'State', 'DecoderConfig', 'reorder_
            'sample_decode', 'plot_attention']
 
 # %% ../nbs/04_decoder.ipynb #139622b6
-DECODER_KINDS = ("lstm", "gru", "attention")
+DECODER_KINDS = ("lstm", "gru", "attention", "transformer")
 FEED_FEATURES = ("first_step", "initial_state")
 
 
@@ -32,23 +32,25 @@ class DecoderConfig:
     "Hyper-parameters of a caption decoder: plain data that round-trips through JSON."
     vocab_size: int  # V: vocabulary size, the four special tokens included
     feature_dim: int  # D: the encoder's `feature_dim` (1280 for EfficientNet-Lite0, 2048 for ResNet-50)
-    kind: str = "lstm"  # 'lstm' or 'gru' (Show and Tell), or 'attention' (Show, Attend and Tell)
+    kind: str = "lstm"  # 'lstm' or 'gru' (Show and Tell), 'attention' (Show, Attend and Tell) or 'transformer' (notebook 07)
     embed_dim: int = 256  # E: word embedding size, also the size of the projected image vector (the blog's 256)
-    hidden_dim: int = 512  # H: recurrent state size, 512 as in Show and Tell and the seed blogs
-    num_layers: int = 1  # stacked recurrent layers (Show and Tell only); deeper overfits Flickr8k's 6k images
+    hidden_dim: int = 512  # H: recurrent state size, 512 as in Show and Tell and the seed blogs; d_model for the transformer
+    num_layers: int = 1  # stacked recurrent layers (Show and Tell), or decoder blocks (transformer); deeper RNNs overfit Flickr8k's 6k images
     attention_dim: int = 256  # A: hidden size of the attention's scoring layer (attention only)
     feed_features: str = "initial_state"  # Show and Tell: image as step -1's input ('first_step') or as h0/c0 ('initial_state')
     batch_norm: bool = True  # BatchNorm1d after the image projection, as the seed blog's encoder ends (Show and Tell only)
     feature_dropout: float = 0.0  # dropout on the projected image vector (Show and Tell only)
     dropout: float = 0.5  # dropout on the hidden state before the output layer, 0.5 as in the usual Show, Attend and Tell code
     gate_attention: bool = True  # scale the attention context by beta = sigmoid(f_beta(h)) (attention only)
+    num_heads: int = 8  # attention heads per block (transformer only): hidden_dim / num_heads = 64 per head at the defaults
+    ff_dim: int = 1024  # hidden size of each block's feed-forward network (transformer only), 2 x hidden_dim by default
 
     def __post_init__(self):
         if self.kind not in DECODER_KINDS:
             raise ValueError(f"kind must be one of {DECODER_KINDS}, got {self.kind!r}")
         if self.feed_features not in FEED_FEATURES:
             raise ValueError(f"feed_features must be one of {FEED_FEATURES}, got {self.feed_features!r}")
-        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers", "attention_dim"):
+        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers", "attention_dim", "num_heads", "ff_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -60,6 +62,12 @@ class DecoderConfig:
         if self.kind == "attention" and (self.feed_features != "initial_state" or self.num_layers != 1):
             raise ValueError("the attention decoder is one LSTMCell initialised from the mean region feature: "
                              "use feed_features='initial_state' and num_layers=1")
+        if self.kind == "transformer" and self.hidden_dim % self.num_heads:
+            raise ValueError(f"the transformer splits hidden_dim (d_model) into num_heads equal heads: "
+                             f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}")
+        if self.kind == "transformer" and self.embed_dim != self.hidden_dim:
+            raise ValueError(f"the transformer ties its word embedding to its output layer, so embed_dim must equal "
+                             f"hidden_dim (d_model): got embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}")
 
     def to_dict(self) -> dict:
         "The config as a JSON-ready dict."
@@ -238,6 +246,9 @@ def doubly_stochastic_penalty(attention: Tensor, mask: Tensor | None = None, wei
 # %% ../nbs/04_decoder.ipynb #b5b8b00e
 def build_decoder(config: DecoderConfig) -> CaptionDecoder:
     "The decoder `config.kind` names, freshly initialised."
+    if config.kind == "transformer":
+        from captioning.transformer import TransformerDecoder  # imported here: that module imports this one
+        return TransformerDecoder(config)
     return ShowAttendTellDecoder(config) if config.kind == "attention" else ShowAndTellDecoder(config)
 
 # %% ../nbs/04_decoder.ipynb #f225c3ab

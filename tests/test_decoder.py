@@ -52,7 +52,7 @@ def captions_in(seed=0):
 def test_config_round_trips_through_json_and_validates():
     config = tiny(kind="gru", feed_features="first_step", dropout=0.1)
     assert DecoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    for bad in [dict(kind="transformer"), dict(feed_features="every_step"), dict(dropout=1.0), dict(hidden_dim=0),
+    for bad in [dict(kind="rnn"), dict(feed_features="every_step"), dict(dropout=1.0), dict(hidden_dim=0),
                 dict(kind="attention", feed_features="first_step"), dict(kind="attention", num_layers=2)]:
         with pytest.raises(ValueError):
             tiny(**bad)
