@@ -14,6 +14,7 @@ import time
 import torch
 
 from captioning.decoder import DECODER_KINDS, DecoderConfig, beam_search, build_decoder, greedy_decode
+from captioning.transformer import transformer_config
 from captioning.encoder import build_encoder, encoder_throughput
 
 
@@ -44,7 +45,9 @@ if __name__ == "__main__":
         print(f"  {name:>18} ({n_params / 1e6:.1f} M params): fp32 {rates[False]:6.1f}   bf16 {rates[True]:6.1f}")
     print("decoding from cached features, batch 64, max 20 words (captions/s):")
     for kind in DECODER_KINDS:
-        decoder = build_decoder(DecoderConfig(vocab_size=2541, feature_dim=1280, kind=kind))
+        config = (transformer_config(2541, 1280) if kind == "transformer"
+                  else DecoderConfig(vocab_size=2541, feature_dim=1280, kind=kind))
+        decoder = build_decoder(config)
         n_params = sum(p.numel() for p in decoder.parameters())
         rates = [decoding_throughput(decoder, args.captions, beam_size=k) for k in (1, 3, 5)]
         print(f"  {kind:>10} ({n_params / 1e6:.2f} M params): greedy {rates[0]:6.0f}   beam 3 {rates[1]:6.0f}   beam 5 {rates[2]:6.0f}")

@@ -226,7 +226,7 @@ class CiderD:
         dot = np.stack([np.bincount(cell[hit], weights=clipped[:, j], minlength=C * N) for j in range(R)], axis=1)
         dot = dot.reshape(C, N, R).transpose(0, 2, 1)  # (C, R, N)
         denominator = cand_norms[:, None, :] * self.ref_norms[image]  # (C, R, N)
-        cosine = np.divide(dot, denominator, out=np.zeros_like(dot), where=denominator != 0)
+        cosine = np.divide(dot, denominator, out=np.zeros(dot.shape), where=denominator != 0)  # dot is int when nothing matched
         penalty = np.exp(-(lengths[:, None] - self.ref_lengths[image]) ** 2 / (2 * self.sigma**2))  # (C, R)
         present = np.arange(R)[None, :] < self.n_refs[image, None]  # (C, R) images may have fewer than R refs
         return 10.0 * (cosine.mean(axis=2) * penalty * present).sum(axis=1) / self.n_refs[image]

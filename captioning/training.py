@@ -473,6 +473,7 @@ class LivePlot:
     "A `fit` callback that redraws training loss and dev CIDEr-D after every epoch (in a notebook)."
 
     def __init__(self):
+        import matplotlib.pyplot as plt
         from IPython.display import display
         self.fig, (self.ax_loss, self.ax_cider) = plt.subplots(1, 2, figsize=(8, 2.6), dpi=72)
         self.handle = display(self.fig, display_id=True)

@@ -272,3 +272,10 @@ def test_a_failing_meteor_process_is_reported_and_stopped(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger=metrics.__name__):
         assert meteor_score(CANDIDATES, REFERENCES) is None
     assert "the Java METEOR failed" in caplog.text and metrics._meteor is None
+
+
+def test_cider_d_of_captions_that_match_nothing_is_zero():
+    "An untrained model can emit only empty captions: CIDEr-D is 0, not a crash."
+    from captioning.metrics import cider_d
+    assert cider_d(["", ""], [["a dog runs"], ["a cat sits"]]) == 0.0
+    assert cider_d(["zebra", "zebra"], [["a dog runs"], ["a cat sits"]]) == 0.0
