@@ -294,7 +294,7 @@ def _dev_captions(model: CaptionModel, dev_set: ImageDataset, vocab: Vocabulary,
 
 def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_set: ImageDataset,
         config: TrainConfig, run_dir, resume: bool = True, callbacks: Sequence[Callable] = (),
-        progress: bool = True, objective=None) -> list[dict]:
+        progress: bool = True, objective=None, score_start: bool = False) -> list[dict]:
     "Train with validation by dev CIDEr-D, early stopping, atomic checkpoints and exact resume; under torchrun, with DDP."
     from tqdm.auto import tqdm
     objective = objective or CrossEntropyObjective()
@@ -306,7 +306,8 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
     autocast, amp_dtype = autocast_for(device, config.precision)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_set) / (config.batch_size * world * config.accumulate))
+    examples = len(objective.indices(train_set, config.epochs - 1, config))  # per epoch, as the objective picks them
+    steps_per_epoch = math.ceil(examples / (config.batch_size * world * config.accumulate))
     scheduler = make_scheduler(optimizer, config, total_steps=steps_per_epoch * config.epochs)
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": -1, "bad_epochs": 0, "history": [], "world_size": world}
     seed = config.seed + rank()  # each rank its own dropout masks
@@ -321,6 +322,11 @@ def fit(model: CaptionModel, vocab: Vocabulary, train_set: CaptionDataset, dev_s
         if world > 1: set_rng_state(state["rng_per_rank"][rank()])
         if show: print(f"resumed from {checkpoint_path} at epoch {state['epoch']} (best dev CIDEr {state['best_score']:.3f})")
     references = dev_set.references
+    if score_start and state["epoch"] == 0:  # a fine-tuning stage must beat the weights it starts from to replace them
+        score = broadcast_object(cider_d(_dev_captions(model, dev_set, vocab, config), references) if main else None)
+        state["best_score"] = score
+        if main: atomic_save({"model": model.state_dict(), "epoch": -1, "dev_cider": score}, run_dir / "best.pt")
+        if show: print(f"starting weights: dev CIDEr-D {score:.3f}")
     lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
     ddp = DistributedDataParallel(_ObjectiveStep(model, objective, train_set, config)) if world > 1 else None
     epoch_bar = tqdm(total=config.epochs, initial=state["epoch"], desc="epochs", disable=not show)

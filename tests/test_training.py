@@ -114,3 +114,14 @@ def test_a_custom_objective_chooses_examples_and_loss_and_reports_figures(tmp_pa
     first_images = {train.pairs[i][0] for i in range(8)}
     assert set(objective.seen) <= first_images and len(objective.seen) == 8 * CONFIG.epochs
     assert [h["captions_seen"] for h in history] == [8, 16, 24]
+
+
+def test_score_start_keeps_the_starting_weights_unless_training_beats_them(tmp_path):
+    model, vocab, train, dev = setup()
+    fit(model, vocab, train, dev, CONFIG, tmp_path / "ce", progress=False)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    frozen = TrainConfig(epochs=1, batch_size=8, warmup_steps=1, lr=1e-12, precision="fp32")  # training changes nothing
+    history = fit(model, vocab, train, dev, frozen, tmp_path / "again", progress=False, score_start=True)
+    assert history[0]["improved"] is False  # equal to the start is not better than the start
+    assert torch.load(tmp_path / "again" / "best.pt", weights_only=True)["epoch"] == -1
+    assert all(torch.equal(start[k], v) for k, v in model.state_dict().items())
