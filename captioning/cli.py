@@ -134,6 +134,15 @@ def _train(args, device: torch.device) -> int:
             ImageDataset(dev_items, image_transforms(prep)), fine_tune, Path(args.output) / "fine-tune",
             resume=not args.restart)
         model.encoder.freeze()
+    if args.self_critical_epochs:  # stage 3 (notebook 08): optimise CIDEr-D itself, starting from the best model so far
+        from .self_critical import SelfCriticalObjective, self_critical_config
+        if args.fine_tune_blocks:  # the encoder changed, and so did its features
+            train_set = CaptionDataset(train_items, vocab, features=extract(train_items))
+            dev_set = ImageDataset(dev_items, features=extract(dev_items))
+        scst = self_critical_config(config, lr=args.self_critical_lr, epochs=args.self_critical_epochs,
+                                    batch_size=args.self_critical_batch_size, max_minutes=None)
+        fit(model, vocab, train_set, dev_set, scst, Path(args.output) / "self-critical", resume=not args.restart,
+            objective=SelfCriticalObjective(), score_start=True)
     if not main_process: return 0  # rank 0 evaluates, prints and exports
     if args.fine_tune_blocks:
         dev_set = ImageDataset(dev_items, features=extract_features(model.encoder, dev_items, args.cache_dir))
@@ -237,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-freq", type=int, default=None, help="vocabulary threshold (default 1 synthetic, 5 real)")
     train.add_argument("--fine-tune-blocks", type=int, default=0, help="stage 2: unfreeze the encoder's last K blocks")
     train.add_argument("--fine-tune-epochs", type=int, default=2)
+    train.add_argument("--self-critical-epochs", type=int, default=0,
+                       help="stage 3: self-critical training with a CIDEr-D reward for this many epochs (notebook 08)")
+    train.add_argument("--self-critical-lr", type=float, default=5e-5)
+    train.add_argument("--self-critical-batch-size", type=int, default=64, help="images per self-critical step (5 samples each)")
     train.add_argument("--beam-size", type=int, default=3, help="beam size for the final evaluation and the export")
     train.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java VM)")
     train.add_argument("--output", type=Path, default=DEFAULT_RUN, help="run folder: checkpoints, history, export/")
