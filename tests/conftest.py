@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from captioning.data import find_flickr8k
 
@@ -10,3 +11,12 @@ def flickr8k_root():
     if root is None:
         pytest.skip("real Flickr8k not found: set CAPTIONING_FLICKR8K or place it at ../shared/data/flickr8k")
     return root
+
+
+@pytest.fixture
+def one_thread():
+    "Tiny models run faster on one thread than two, and the tests share the machine (modules opt in with `pytestmark`)."
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

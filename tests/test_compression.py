@@ -21,13 +21,7 @@ B, N, D, V = 3, 5, 12, 30
 KINDS = ["attention", "lstm", "gru"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread than two, and the tests share the machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def tiny_decoder(kind="attention", seed=0, **kwargs):

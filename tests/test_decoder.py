@@ -25,13 +25,7 @@ VARIANTS = [
 IDS = [json.dumps(v) for v in VARIANTS]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread than two, and the tests share the machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def tiny(**kwargs) -> DecoderConfig:

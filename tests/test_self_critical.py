@@ -16,13 +16,7 @@ from captioning.training import CaptionModel, TrainConfig, fit
 from captioning.vocabulary import END_ID, PAD_ID, START_ID, UNK_ID, Vocabulary, tokenize
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread than two, and the tests share the machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def setup(seed=0, n_train=12, n_dev=4, dropout=0.3):

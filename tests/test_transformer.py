@@ -19,13 +19,7 @@ from captioning.vocabulary import END_ID, PAD_ID, START_ID, Vocabulary
 B, N, D, V, T = 3, 5, 12, 11, 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny models run faster on one thread than two, and the tests share the machine."
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def tiny(**kwargs) -> DecoderConfig:
