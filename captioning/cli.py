@@ -165,14 +165,26 @@ def _export_folder(path: Path) -> Path:
     return path / "export" if (path / "export" / "config.json").exists() else path
 
 
+def _generation(args, config: dict) -> dict:
+    "How to decode: `--beam-size` if given, else what the export recorded (a self-critical model may say greedy)."
+    recorded = config.get("generation", {})
+    beam_size = args.beam_size if args.beam_size is not None else recorded.get("beam_size", 3)
+    return {"beam_size": beam_size, "max_len": recorded.get("max_len", 20)}
+
+
+def _decoding(beam_size: int) -> str: return "greedy" if beam_size == 1 else f"beam {beam_size}"
+
+
 def evaluate_command(args) -> int:
     "Caption a dataset split with an exported model and print every metric."
     device = _device(args.device)
     model, vocab, config = load_exported(_export_folder(args.model), device)
     items = _split(corpus_from_args(args), args.split)
     dataset = ImageDataset(items, features=extract_features(model.encoder, items, args.cache_dir))
-    metrics, captions = evaluate_model(model, vocab, dataset, beam_size=args.beam_size, meteor=not args.no_meteor)
-    _print_metrics(metrics, f"{args.dataset} {args.split} ({len(items):,} images, beam {args.beam_size}; 0-1 scale, CIDEr-D 0-10):")
+    generation = _generation(args, config)
+    metrics, captions = evaluate_model(model, vocab, dataset, meteor=not args.no_meteor, **generation)
+    _print_metrics(metrics, f"{args.dataset} {args.split} ({len(items):,} images, {_decoding(generation['beam_size'])}; "
+                            "0-1 scale, CIDEr-D 0-10):")
     for item, caption in list(zip(items, captions))[:3]: print(f"  {item.image_id}: {caption}")
     return 0
 
@@ -193,7 +205,7 @@ def caption_command(args) -> int:
     for start in range(0, len(readable), args.batch_size):
         chunk = readable[start:start + args.batch_size]
         pixels = torch.stack([x for _, x in chunk]).to(device)  # (B, 3, H, W)
-        ids = model.generate(pixels, beam_size=args.beam_size, max_len=config["generation"].get("max_len", 20))
+        ids = model.generate(pixels, **_generation(args, config))
         for (path, _), caption in zip(chunk, vocab.decode_batch(ids)): print(f"{path}\t{caption}")
     return 1 if failed else 0
 
@@ -262,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", type=Path, help="export folder (or a run folder with export/)")
     _add_dataset_arguments(evaluate)
     evaluate.add_argument("--split", default="dev", choices=("train", "dev", "test"))
-    evaluate.add_argument("--beam-size", type=int, default=3)
+    evaluate.add_argument("--beam-size", type=int, default=None, help="default: the export's own decoding, else 3")
     evaluate.add_argument("--no-meteor", action="store_true")
     evaluate.add_argument("--cache-dir", type=Path, default=Path("runs/feature_cache"))
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -271,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption image files")
     caption.add_argument("images", nargs="+", type=Path)
     caption.add_argument("--model", type=Path, default=DEFAULT_RUN, help="export folder (default: the main job's)")
-    caption.add_argument("--beam-size", type=int, default=3)
+    caption.add_argument("--beam-size", type=int, default=None, help="default: the export's own decoding, else 3")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     caption.set_defaults(run=caption_command)

@@ -21,7 +21,16 @@ def test_train_evaluate_caption_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "CIDEr-D" in out and (tmp_path / "run" / "export" / "model.safetensors").exists()
     assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
-    assert "BLEU-4" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "BLEU-4" in out and "beam 3;" in out  # the export records the training run's --beam-size, 3
+    # evaluate decodes as the export says (a self-critical export says greedy) unless --beam-size is given
+    config_path = tmp_path / "run" / "export" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "generation": {**config["generation"], "beam_size": 1}}))
+    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
+    assert "test (" in (out := capsys.readouterr().out) and "greedy;" in out
+    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", "--beam-size", "2"]) == 0
+    assert "beam 2;" in capsys.readouterr().out
     synthetic_corpus(0, 0, 1, seed=3)["test"][0].load().save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"garbage")
     assert main(["caption", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", str(tmp_path / "run")]) == 1
