@@ -10,7 +10,7 @@
    bigram, parameters, training captions/s and decoding captions/s, with the stage's decoding: beam 3 after
    cross-entropy, greedy after self-critical training (as Rennie et al. report it: SCST trains the policy that
    greedy decoding follows, and beam search, which maximises likelihood, undoes part of it). CIDEr-D of the
-   other decoding is printed beside it, so nothing is chosen by looking at the dev scores. Each stage writes an
+   other decoding is printed beside it, so the choice hides nothing. Each stage writes an
    export folder; the best model's is copied to OUTPUT/export, which works with
    `captioning evaluate OUTPUT/export --split test` on any Flickr8k root that has a test list.
 3. The seed blog's recipe on the same data and machine: a frozen ResNet50 run on every image at every step (no
