@@ -60,11 +60,12 @@ def seed_recipe_captions_per_s(corpus: dict, vocab: Vocabulary, steps: int = 20,
     return seen / (time.perf_counter() - start)
 
 
-# Per-model training recipes, plain data. Self-critical training of the attention model: 3e-4 rose for the three
-# epochs we tried (greedy dev CIDEr-D 0.455 -> 0.486, 0.493, 0.501) where 1e-4 peaked at its second (0.498). The Transformer is notebook 07's design at d_model 256 (the 512-wide
+# Per-model training recipes, plain data. The Transformer is notebook 07's design at d_model 256 (the 512-wide
 # default trains at ~75 captions/s here in fp32: two epochs in the budget); it wants a warm-up for its tied
 # embeddings and runs in fp32 (bf16 hurt its dev CIDEr-D in notebook 07's runs). Self-critical training uses
-# batches of images (5 samples each) and a learning rate 10-20x below cross-entropy's (notebook 08).
+# batches of 64 images (5 samples each) and a smaller learning rate than cross-entropy's (notebook 08). For the
+# attention model 3e-4 rose for the three epochs we tried (greedy dev CIDEr-D 0.455 -> 0.486, 0.493, 0.501),
+# where 1e-4 peaked at its second (0.498).
 RECIPES = {
     "attention": {"cross-entropy": dict(lr=2e-3, batch_size=128),
                   "self-critical": dict(lr=3e-4, batch_size=64)},
@@ -95,7 +96,8 @@ def measure(model, vocab, dev_set, history: list[dict], beam_size: int) -> dict:
     metrics[f"CIDEr-D {'greedy' if other == 1 else f'beam {other}'}"] = \
         evaluate_captions(other_captions, dev_set.references, meteor=False)["CIDEr-D"]
     trained = sum(h["seconds"] for h in history) or 1.0
-    return {**metrics, "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}", "repeated_bigram_rate": repeated_ngram_rate(captions, 2),
+    return {**metrics, "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
+            "repeated_bigram_rate": repeated_ngram_rate(captions, 2),
             "parameters": sum(p.numel() for p in model.decoder.parameters()),
             "train_captions_per_s": sum(h["captions_per_s"] * h["seconds"] for h in history) / trained,
             "decode_captions_per_s": len(captions) / decode_seconds, "epochs": len(history), "samples": captions[:3]}
@@ -164,8 +166,8 @@ def run(args) -> dict:
 
 def print_table(results: dict) -> None:
     print("\nFlickr8k dev split (BLEU/METEOR/ROUGE-L 0-1, CIDEr-D 0-10); minutes of wall clock on this machine")
-    columns = ["decoding", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "CIDEr-D greedy", "CIDEr-D beam 3", "repeated_bigram_rate", "parameters",
-               "train_captions_per_s", "decode_captions_per_s", "epochs", "minutes", "recipe_minutes"]
+    columns = ["decoding", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D", "CIDEr-D greedy", "CIDEr-D beam 3",
+               "repeated_bigram_rate", "parameters", "train_captions_per_s", "decode_captions_per_s", "epochs", "minutes", "recipe_minutes"]
     print("| model | stage | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for row in results["stages"]:
