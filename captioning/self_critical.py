@@ -7,7 +7,7 @@ __all__ = ['BASELINES', 'CiderReward', 'mean_of_others', 'policy_gradient_loss',
            'self_critical_config']
 
 # %% ../nbs/08_self_critical.ipynb #ae6ebf81
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ from torch import Tensor
 from .data import CaptionBatch, CaptionDataset
 from .decoder import greedy_decode, sample_decode
 from .metrics import Caption, CiderD, caption_tokens, repeated_ngram_rate
-from .training import CaptionModel, TrainConfig
+from .training import CaptionModel, TrainConfig, config_from_dict
 from .vocabulary import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
 
 # %% ../nbs/08_self_critical.ipynb #6ad5952b
@@ -105,11 +105,7 @@ class SelfCriticalConfig:
     def to_dict(self) -> dict: return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SelfCriticalConfig":
-        "Rebuild from `to_dict`, refusing unknown keys."
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ValueError(f"unknown SelfCriticalConfig fields: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict) -> "SelfCriticalConfig": return config_from_dict(cls, d)  # refuses unknown keys
 
 # %% ../nbs/08_self_critical.ipynb #607a835a
 def _repeat(features: Tensor | None, times: int) -> Tensor | None:
