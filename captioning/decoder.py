@@ -219,6 +219,9 @@ class ShowAttendTellDecoder(CaptionDecoder):
 
     def init_state(self, global_features: Tensor | None, region_features: Tensor) -> State:
         "h0, c0 from the mean region; the regions and their keys ride along in the state (constant per image)."
+        device = region_features.device.type
+        if torch.is_autocast_enabled(device):  # cast the regions to bf16/fp16 once per image: left in fp32, every
+            region_features = region_features.to(torch.get_autocast_dtype(device))  # step's bmm would cast them again
         mean = region_features.mean(1)  # (B, D)
         return {
             "h": torch.tanh(self.init_h(mean)),  # (B, H)

@@ -279,3 +279,17 @@ def test_plot_attention_draws_one_panel_per_word():
     with pytest.raises(ValueError, match="grid"):
         plot_attention(image, ["a"], torch.rand(1, 10))
     plt.close("all")
+
+
+def test_attention_decoder_casts_regions_once_under_autocast():
+    "Under bf16 autocast the regions enter the state as bf16 (one cast per image, not one per step); fp32 otherwise."
+    torch.manual_seed(0)
+    decoder = build_decoder(tiny(kind="attention")).eval()
+    (_, regions), captions = features(), captions_in()
+    assert decoder.init_state(None, regions)["regions"].dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert decoder.init_state(None, regions)["regions"].dtype == torch.bfloat16
+        low = decoder(None, regions, captions).logits.float()  # (B, T, V)
+    with torch.no_grad():
+        full = decoder(None, regions, captions).logits
+    assert (low - full).abs().max() < 0.1  # bf16 rounding only: the computation is the same
