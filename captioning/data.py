@@ -358,6 +358,7 @@ class ImagePreprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     resize: int | None = None  # short side before the centre crop; None means `size` (no cropping)
+    squash: bool = False  # instead: resize the whole image to size x size (aspect ratio not kept, nothing cut off)
 
     def __post_init__(self):
         if self.size < 1: raise ValueError(f"size must be positive, got {self.size}")
@@ -379,6 +380,7 @@ def image_transforms(preprocessing: ImagePreprocessing, train: bool = False,
     p = preprocessing
     normalize = [T.ToTensor(), T.Normalize(p.mean, p.std)]
     if not train:
+        if p.squash: return T.Compose([T.Resize((p.size, p.size)), *normalize])
         return T.Compose([T.Resize(p.resize or p.size), T.CenterCrop(p.size), *normalize])
     a = augmentation or Augmentation()
     steps = [T.RandomResizedCrop(p.size, scale=a.crop_scale, ratio=(3 / 4, 4 / 3), antialias=True)]

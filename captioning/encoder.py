@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['EFFICIENTNET_LITE0_STAGES', 'ENCODERS', 'ImageEncoder', 'PretrainedWeightsUnavailable', 'TinyCNNEncoder',
            'Conv2dSame', 'MBConvLite', 'EfficientNetLite0', 'EfficientNetLiteEncoder', 'TorchvisionEncoder',
-           'ResNet50Encoder', 'MobileNetV2Encoder', 'build_encoder', 'EncoderConfig', 'parameter_groups',
-           'bf16_autocast_available', 'encoder_throughput', 'FeatureCacheError', 'FeatureStore', 'weights_fingerprint',
-           'feature_cache_key', 'extract_features']
+           'ResNet50Encoder', 'MobileNetV2Encoder', 'resized_input', 'build_encoder', 'EncoderConfig',
+           'parameter_groups', 'bf16_autocast_available', 'encoder_throughput', 'FeatureCacheError', 'FeatureStore',
+           'weights_fingerprint', 'feature_cache_key', 'extract_features']
 
 # %% ../nbs/03_encoder.ipynb #9a859834
 import contextlib
@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -298,11 +298,22 @@ ENCODERS: dict[str, type[ImageEncoder]] = {"efficientnet_lite0": EfficientNetLit
                                            "mobilenet_v2": MobileNetV2Encoder, "tiny": TinyCNNEncoder}
 
 
-def build_encoder(name: str = "efficientnet_lite0", pretrained: bool = True, trainable_blocks: int = 0) -> ImageEncoder:
+def resized_input(p: ImagePreprocessing, size: int | None = None, squash: bool = False) -> ImagePreprocessing:
+    "`p` at input `size` (its resize-to-crop ratio kept), or, with `squash`, the whole image resized to size x size."
+    size = size or p.size
+    if size < 32: raise ValueError(f"image size must be at least 32 pixels (one region), got {size}")
+    resize = None if squash else round((p.resize or p.size) * size / p.size)
+    return replace(p, size=size, resize=resize, squash=squash)
+
+
+def build_encoder(name: str = "efficientnet_lite0", pretrained: bool = True, trainable_blocks: int = 0,
+                  image_size: int | None = None, squash: bool = False) -> ImageEncoder:
     "An encoder by name, with ImageNet weights if `pretrained`, frozen except its last `trainable_blocks` blocks."
     if name not in ENCODERS: raise ValueError(f"unknown encoder {name!r}: choose one of {sorted(ENCODERS)}")
     if pretrained and name == "tiny": raise ValueError("the 'tiny' encoder has no pretrained weights: use pretrained=False")
     encoder = ENCODERS[name]()
+    if image_size is not None or squash:  # this instance's input only: the class keeps the published default
+        encoder.preprocessing = resized_input(encoder.preprocessing, image_size, squash)
     if pretrained: encoder.load_pretrained()
     return encoder.unfreeze_last(trainable_blocks)
 
@@ -313,6 +324,8 @@ class EncoderConfig:
     name: str = "efficientnet_lite0"  # a key of ENCODERS
     pretrained: bool = True  # ImageNet weights; offline only for efficientnet_lite0
     trainable_blocks: int = 0  # fine-tune this many last blocks; 0 keeps it frozen, so features can be cached
+    image_size: int | None = None  # input size in pixels; None: the encoder's own (224 for the ImageNet CNNs)
+    squash: bool = False  # resize whole images to image_size x image_size instead of a centre crop
 
     def __post_init__(self):
         if self.name not in ENCODERS: raise ValueError(f"unknown encoder {self.name!r}: choose one of {sorted(ENCODERS)}")
@@ -320,7 +333,7 @@ class EncoderConfig:
 
     def build(self) -> ImageEncoder:
         "The encoder this config describes."
-        return build_encoder(self.name, self.pretrained, self.trainable_blocks)
+        return build_encoder(self.name, self.pretrained, self.trainable_blocks, self.image_size, self.squash)
 
 # %% ../nbs/03_encoder.ipynb #4c3d8e51
 def parameter_groups(encoder: nn.Module, decoder: nn.Module, encoder_lr: float, decoder_lr: float,

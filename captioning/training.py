@@ -16,7 +16,7 @@ import random
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -472,6 +472,9 @@ def load_exported(folder, device: str | torch.device = "cpu") -> tuple[CaptionMo
     if decoder_config.vocab_size != len(vocab):
         raise CheckpointError(f"{folder}: the decoder expects {decoder_config.vocab_size} words but vocab.json has {len(vocab)}")
     model = CaptionModel(build_encoder(config["encoder"], pretrained=False), build_decoder(decoder_config))
+    saved = {k: tuple(v) if isinstance(v, list) else v for k, v in config.get("preprocessing", {}).items()}
+    try: model.encoder.preprocessing = replace(model.encoder.preprocessing, **saved)  # e.g. the size it was trained at
+    except (TypeError, ValueError) as e: raise CheckpointError(f"{folder / 'config.json'}: bad preprocessing: {e}") from None
     try: model.load_state_dict(load_file(str(folder / "model.safetensors")))
     except RuntimeError as e: raise CheckpointError(f"{folder / 'model.safetensors'} does not fit config.json: {str(e)[:300]}") from None
     model.encoder.freeze()

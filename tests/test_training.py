@@ -96,6 +96,21 @@ def test_export_round_trip_and_mismatch(tmp_path):
         load_exported(folder)
 
 
+def test_export_keeps_the_input_size_the_model_was_trained_at(tmp_path):
+    from captioning.encoder import resized_input
+    model, vocab, train, dev = setup()
+    model.encoder.preprocessing = resized_input(model.encoder.preprocessing, 96, squash=True)
+    folder = export_model(model, vocab, tmp_path / "export")
+    loaded, _, _ = load_exported(folder)
+    assert loaded.encoder.preprocessing == model.encoder.preprocessing
+    assert build_encoder("tiny", pretrained=False).preprocessing != model.encoder.preprocessing  # from config.json
+    config = json.loads((folder / "config.json").read_text())
+    config["preprocessing"]["colour"] = "sepia"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="bad preprocessing"):
+        load_exported(folder)
+
+
 def test_a_custom_objective_chooses_examples_and_loss_and_reports_figures(tmp_path):
     from captioning.training import CrossEntropyObjective
 
