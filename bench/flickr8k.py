@@ -1,9 +1,12 @@
 """The Flickr8k benchmark: the full recipe on a 2-core CPU, every stage timed, and the seed blog's recipe beside it.
 
     python bench/flickr8k.py [--root ../shared/data/flickr8k] [--output runs/bench-flickr8k]
-                             [--models attention,transformer] [--minutes 25] [--scst-epochs 6] [--skip-seed]
+                             [--models attention,transformer] [--image-size 288] [--crop] [--epochs N]
+                             [--minutes M] [--scst-epochs N] [--scst-minutes M] [--skip-seed]
 
-1. Features of the 7,000 train+dev images from the offline pretrained encoder (cached on disk, timed).
+1. Features of the 7,000 train+dev images from the offline pretrained encoder (cached on disk, timed): whole
+   photos squashed to 288x288 pixels, 9x9 regions (notebook 03 explains why; --crop --image-size 224 gives
+   ImageNet's centre crop and 7x7 regions).
 2. For each model (the LSTM with attention, and the Transformer): cross-entropy training on the 6,000 training
    images with dev CIDEr-D early stopping (notebook 05), then self-critical fine-tuning with a CIDEr-D reward
    (notebook 08). After each stage: dev BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, the share of captions that repeat a
@@ -60,18 +63,29 @@ def seed_recipe_captions_per_s(corpus: dict, vocab: Vocabulary, steps: int = 20,
     return seen / (time.perf_counter() - start)
 
 
-# Per-model training recipes, plain data. The Transformer is notebook 07's design at d_model 256 (the 512-wide
-# default trains at ~75 captions/s here in fp32: two epochs in the budget); it wants a warm-up for its tied
-# embeddings and runs in fp32 (bf16 hurt its dev CIDEr-D in notebook 07's runs). Self-critical training uses
-# batches of 64 images (5 samples each) and a smaller learning rate than cross-entropy's (notebook 08). For the
-# attention model 3e-4 rose for the three epochs we tried (greedy dev CIDEr-D 0.455 -> 0.486, 0.493, 0.501),
-# where 1e-4 peaked at its second (0.498).
+# Per-model training recipes, plain data: the settings and budgets of each stage (flags can override budgets).
+# Attention: cross-entropy saturates early - 6 epochs of a 6-epoch cosine schedule scored beam-3 dev CIDEr-D
+# 0.472, 16 epochs of a 16-epoch one 0.476 - so 10 epochs, and the time goes to self-critical training, which
+# uses batches of 64 images (5 samples each) and a smaller learning rate (notebook 08): 3e-4 rose for three
+# epochs (greedy dev CIDEr-D 0.455 -> 0.486, 0.493, 0.501) where 1e-4 peaked at its second (0.498).
+# Transformer: notebook 07's design at d_model 256 (the 512-wide default trains at ~75 captions/s here in fp32);
+# it wants a warm-up for its tied embeddings and runs in fp32 (bf16 hurt its dev CIDEr-D in notebook 07's runs),
+# and its fp32 self-critical epoch takes ~16 minutes here, so it gets one.
 RECIPES = {
-    "attention": {"cross-entropy": dict(lr=2e-3, batch_size=128),
-                  "self-critical": dict(lr=3e-4, batch_size=64)},
-    "transformer": {"cross-entropy": dict(lr=1e-3, batch_size=128, warmup_steps=400, label_smoothing=0.1, precision="fp32"),
-                    "self-critical": dict(lr=1e-4, batch_size=64, precision="fp32")},
+    "attention": {"cross-entropy": dict(lr=2e-3, batch_size=128, epochs=10, max_minutes=16.0),
+                  "self-critical": dict(lr=3e-4, batch_size=64, epochs=5, max_minutes=10.0)},
+    "transformer": {"cross-entropy": dict(lr=1e-3, batch_size=128, warmup_steps=400, label_smoothing=0.1, precision="fp32",
+                                          epochs=8, max_minutes=22.0),
+                    "self-critical": dict(lr=1e-4, batch_size=64, precision="fp32", epochs=1, max_minutes=18.0)},
 }
+
+
+def stage_settings(kind: str, stage: str, epochs: int | None, minutes: float | None) -> dict:
+    "A stage's recipe, with the command line's epochs and minutes where given."
+    recipe = dict(RECIPES[kind][stage])
+    if epochs is not None: recipe["epochs"] = epochs
+    if minutes is not None: recipe["max_minutes"] = minutes
+    return recipe
 
 
 def decoder_config(kind: str, vocab: Vocabulary, feature_dim: int) -> DecoderConfig:
@@ -113,7 +127,7 @@ def run(args) -> dict:
     if args.train_images: corpus["train"] = corpus["train"][:args.train_images]  # for a quick smoke test
     if args.dev_images: corpus["dev"] = corpus["dev"][:args.dev_images]
     vocab = Vocabulary.build([c for item in corpus["train"] for c in item.captions], min_freq=5)
-    encoder = build_encoder(args.encoder, pretrained=True)
+    encoder = build_encoder(args.encoder, pretrained=True, image_size=args.image_size, squash=not args.crop)
     cache = args.cache_dir or out / "feature_cache"
     train_features = extract_features(encoder, corpus["train"], cache)
     dev_features = extract_features(encoder, corpus["dev"], cache)
@@ -124,13 +138,12 @@ def run(args) -> dict:
 
     for kind in args.models.split(","):
         model = CaptionModel(encoder, build_decoder(decoder_config(kind, vocab, encoder.feature_dim)))
-        recipe = RECIPES[kind]
-        ce = TrainConfig(epochs=args.epochs, max_minutes=args.minutes, patience=args.patience, **recipe["cross-entropy"])
+        ce = TrainConfig(patience=args.patience, **stage_settings(kind, "cross-entropy", args.epochs, args.minutes))
         stages = [("cross-entropy", ce, None)]
-        if args.scst_epochs:
+        scst = stage_settings(kind, "self-critical", args.scst_epochs, args.scst_minutes)
+        if scst["epochs"] > 0:
             from captioning.self_critical import SelfCriticalObjective, self_critical_config
-            stages.append(("self-critical", self_critical_config(ce, epochs=args.scst_epochs, max_minutes=args.scst_minutes,
-                                                                 **recipe["self-critical"]), SelfCriticalObjective()))
+            stages.append(("self-critical", self_critical_config(ce, **scst), SelfCriticalObjective()))
         recipe_minutes = results["feature_minutes"]
         for stage, config, objective in stages:
             stage_start = time.perf_counter()
@@ -188,13 +201,15 @@ if __name__ == "__main__":
     parser.add_argument("--encoder", default="efficientnet_lite0")
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUTPUT/feature_cache)")
     parser.add_argument("--models", default="attention,transformer", help="comma-separated decoder kinds")
-    parser.add_argument("--epochs", type=int, default=16, help="most cross-entropy epochs (early stopping may end sooner)")
-    parser.add_argument("--minutes", type=float, default=25.0, help="cross-entropy training budget per model")
+    parser.add_argument("--image-size", type=int, default=288, help="encoder input in pixels: 288 gives 9x9 regions")
+    parser.add_argument("--crop", action="store_true", help="resize + centre crop, as ImageNet evaluates, instead of "
+                        "squashing the whole photo to a square")
+    parser.add_argument("--epochs", type=int, default=None, help="most cross-entropy epochs (default: the model's recipe)")
+    parser.add_argument("--minutes", type=float, default=None, help="cross-entropy training budget per model (default: recipe)")
     parser.add_argument("--patience", type=int, default=6, help="cross-entropy early stopping: epochs without a better "
-                        "dev CIDEr-D (greedy dev CIDEr-D moves by +-0.02 between epochs, and a 16-epoch cosine "
-                        "schedule is still at a high learning rate at epoch 9, where patience 3 stopped a run)")
-    parser.add_argument("--scst-epochs", type=int, default=6, help="self-critical epochs (0: skip the stage)")
-    parser.add_argument("--scst-minutes", type=float, default=14.0, help="self-critical training budget per model")
+                        "dev CIDEr-D (greedy dev CIDEr-D moves by +-0.02 between epochs)")
+    parser.add_argument("--scst-epochs", type=int, default=None, help="self-critical epochs (0: skip the stage; default: recipe)")
+    parser.add_argument("--scst-minutes", type=float, default=None, help="self-critical training budget per model (default: recipe)")
     parser.add_argument("--train-images", type=int, default=None, help="use only the first N training images (smoke tests)")
     parser.add_argument("--dev-images", type=int, default=None, help="use only the first N dev images (smoke tests)")
     parser.add_argument("--skip-seed", action="store_true", help="skip timing the seed blog's recipe")

@@ -19,7 +19,7 @@ def load_bench():
 def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     bench = load_bench()
     args = Namespace(root=flickr8k_root, output=tmp_path / "bench", encoder="efficientnet_lite0", cache_dir=None,
-                     models="attention", epochs=1, minutes=None, patience=6, scst_epochs=1, scst_minutes=None,
+                     image_size=96, crop=False, models="attention", epochs=1, minutes=None, patience=6, scst_epochs=1, scst_minutes=None,
                      train_images=40, dev_images=8, skip_seed=True, restart=True)
     results = bench.run(args)
     bench.print_table(results)
@@ -31,5 +31,14 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     for stage, beam_size in (("cross-entropy", 3), ("self-critical", 1)):
         config = json.loads((tmp_path / "bench" / "attention" / stage / "export" / "config.json").read_text())
         assert config["generation"]["beam_size"] == beam_size
+        assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
     assert (tmp_path / "bench" / "export" / "model.safetensors").exists()
     assert "| attention | self-critical | greedy |" in table
+
+
+def test_stage_settings_follow_the_recipe_unless_a_flag_overrides_them():
+    bench = load_bench()
+    recipe = bench.RECIPES["attention"]["self-critical"]
+    assert bench.stage_settings("attention", "self-critical", None, None) == recipe
+    assert bench.stage_settings("attention", "self-critical", 0, 3.0) == {**recipe, "epochs": 0, "max_minutes": 3.0}
+    assert bench.RECIPES["attention"]["self-critical"] == recipe  # the recipe itself is not changed
