@@ -107,7 +107,7 @@ def _train(args, device: torch.device) -> int:
     train_items, dev_items = _split(corpus, "train"), _split(corpus, "dev")
     min_freq = args.min_freq if args.min_freq is not None else (1 if args.dataset == "synthetic" else 5)
     vocab = Vocabulary.build([c for item in train_items for c in item.captions], min_freq=min_freq)
-    encoder = build_encoder(args.encoder, pretrained=True).to(device)
+    encoder = build_encoder(args.encoder, pretrained=True, image_size=args.image_size, squash=args.squash).to(device)
     main_process = is_main()
     if main_process:
         print(f"{args.dataset}: {len(train_items):,} training / {len(dev_items):,} dev images; {vocab}; encoder {args.encoder} on {device}"
@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(train)
     train.add_argument("--encoder", choices=sorted(set(ENCODERS) - {"tiny"}), default="efficientnet_lite0",
                        help="pretrained image encoder (efficientnet_lite0 works offline)")
+    train.add_argument("--image-size", type=int, default=None, help="encoder input in pixels (default: its own, 224); "
+                       "288 gives 9x9 regions")
+    train.add_argument("--squash", action="store_true", help="resize whole photos to a square instead of a centre crop")
     train.add_argument("--decoder", choices=DECODER_KINDS, default="attention")
     train.add_argument("--size", choices=sorted(_SIZES), default=None, help="decoder size (default: small on synthetic, base otherwise)")
     train.add_argument("--epochs", type=int, default=8, help="most epochs; early stopping may end sooner")

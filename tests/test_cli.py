@@ -46,10 +46,11 @@ def test_evaluate_reports_a_missing_model(tmp_path, capsys):
 def test_train_a_transformer_then_self_critical(tmp_path, capsys):
     common = ["--n-train", "30", "--n-dev", "8", "--cache-dir", str(tmp_path / "cache")]
     assert main(["train", *common, "--decoder", "transformer", "--epochs", "1", "--no-meteor", "--warmup-steps", "2",
-                 "--self-critical-epochs", "1", "--self-critical-batch-size", "8", "--output", str(tmp_path / "run")]) == 0
+                 "--image-size", "96", "--squash", "--self-critical-epochs", "1", "--self-critical-batch-size", "8", "--output", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "starting weights: dev CIDEr-D" in out and "CIDEr-D" in out
     history = json.loads((tmp_path / "run" / "self-critical" / "history.json").read_text())
     assert len(history) == 1 and "sample_reward" in history[0]
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["decoder"]["kind"] == "transformer"
+    assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
