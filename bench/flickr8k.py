@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from captioning.data import (CaptionDataset, ImageDataset, collate_captions, find_flickr8k, image_transforms,
                              load_flickr8k)
-from captioning.decoder import DecoderConfig, build_decoder
+from captioning.decoder import DecoderConfig, build_decoder, decoding_name
 from captioning.encoder import build_encoder, extract_features
 from captioning.metrics import evaluate_captions, repeated_ngram_rate
 from captioning.training import (CaptionModel, TrainConfig, caption_loss, evaluate_model, export_model, fit,
@@ -108,10 +108,10 @@ def measure(model, vocab, dev_set, history: list[dict], beam_size: int) -> dict:
     metrics = evaluate_captions(captions, dev_set.references)
     other = 1 if beam_size > 1 else 3
     other_captions = generate_captions(model, dev_set, vocab, beam_size=other, precision="auto")
-    metrics[f"CIDEr-D {'greedy' if other == 1 else f'beam {other}'}"] = \
+    metrics[f"CIDEr-D {decoding_name(other)}"] = \
         evaluate_captions(other_captions, dev_set.references, meteor=False)["CIDEr-D"]
     trained = sum(h["seconds"] for h in history) or 1.0
-    return {**metrics, "decoding": "greedy" if beam_size == 1 else f"beam {beam_size}",
+    return {**metrics, "decoding": decoding_name(beam_size),
             "repeated_bigram_rate": repeated_ngram_rate(captions, 2),
             "parameters": sum(p.numel() for p in model.decoder.parameters()),
             "train_captions_per_s": sum(h["captions_per_s"] * h["seconds"] for h in history) / trained,

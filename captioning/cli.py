@@ -18,7 +18,7 @@ import torch
 from .data import (CaptionDataset, DatasetFormatError, DatasetUnavailable, ImageDataset, ImageLoadError,
                              find_flickr8k, image_transforms, load_corpus, load_image, show_images)
 from .distributed import is_main, rank_zero_first, torchrun_session, world_size
-from .decoder import DECODER_KINDS, DecoderConfig, build_decoder
+from .decoder import DECODER_KINDS, DecoderConfig, build_decoder, decoding_name
 from .encoder import ENCODERS, PretrainedWeightsUnavailable, build_encoder, extract_features
 from .metrics import METRIC_NAMES
 from .training import (CaptionModel, CheckpointError, TrainConfig, evaluate_model, export_model, fit,
@@ -172,9 +172,6 @@ def _generation(args, config: dict) -> dict:
     return {"beam_size": beam_size, "max_len": recorded.get("max_len", 20)}
 
 
-def _decoding(beam_size: int) -> str: return "greedy" if beam_size == 1 else f"beam {beam_size}"
-
-
 def evaluate_command(args) -> int:
     "Caption a dataset split with an exported model and print every metric."
     device = _device(args.device)
@@ -183,7 +180,7 @@ def evaluate_command(args) -> int:
     dataset = ImageDataset(items, features=extract_features(model.encoder, items, args.cache_dir))
     generation = _generation(args, config)
     metrics, captions = evaluate_model(model, vocab, dataset, meteor=not args.no_meteor, **generation)
-    _print_metrics(metrics, f"{args.dataset} {args.split} ({len(items):,} images, {_decoding(generation['beam_size'])}; "
+    _print_metrics(metrics, f"{args.dataset} {args.split} ({len(items):,} images, {decoding_name(generation['beam_size'])}; "
                             "0-1 scale, CIDEr-D 0-10):")
     for item, caption in list(zip(items, captions))[:3]: print(f"  {item.image_id}: {caption}")
     return 0

@@ -20,7 +20,7 @@ from .vocabulary import END_ID, PAD_ID, START_ID
 __all__ = ['DECODER_KINDS', 'FEED_FEATURES', 'State', 'DecoderConfig', 'reorder_state', 'DecoderOutput', 'CaptionDecoder',
            'ShowAndTellDecoder', 'AdditiveAttention', 'ShowAttendTellDecoder', 'doubly_stochastic_penalty',
            'build_decoder', 'block_repeated_ngrams', 'greedy_decode', 'gnmt_length_penalty', 'beam_search',
-           'sample_decode', 'plot_attention']
+           'decoding_name', 'sample_decode', 'plot_attention']
 
 # %% ../nbs/04_decoder.ipynb #139622b6
 DECODER_KINDS = ("lstm", "gru", "attention", "transformer")
@@ -357,6 +357,11 @@ def beam_search(decoder: CaptionDecoder, global_features: Tensor | None, region_
     L = int(lengths[winners].max())  # drop the columns only other hypotheses needed
     tokens = generated[winners, :L]  # (B, L)
     return (tokens, attention[winners, :L]) if return_attention else tokens
+
+
+def decoding_name(beam_size: int) -> str:
+    "How reports name a decoding: 'greedy' for beam size 1, else 'beam K'."
+    return "greedy" if beam_size == 1 else f"beam {beam_size}"
 
 # %% ../nbs/04_decoder.ipynb #975ee026
 def sample_decode(decoder: CaptionDecoder, global_features: Tensor | None, region_features: Tensor | None = None,
