@@ -411,8 +411,10 @@ class FeatureStore:
 
     def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
         "Features of image(s) `index` as float32 tensors: (D,) and (N, D), or (B, D) and (B, N, D) for a list."
-        return (torch.from_numpy(np.array(self.global_features[index], dtype=np.float32)),  # copies out of the map
-                torch.from_numpy(np.array(self.region_features[index], dtype=np.float32)))
+        # copy out of the map in the stored dtype, then let torch widen float16 to float32: its vectorised
+        # conversion is ~2x faster than numpy's, and at 81 regions per image this copy is a training cost
+        return (torch.from_numpy(np.array(self.global_features[index])).float(),
+                torch.from_numpy(np.array(self.region_features[index])).float())
 
 # %% ../nbs/03_encoder.ipynb #7a3b3ecf
 def weights_fingerprint(module: nn.Module) -> str:
