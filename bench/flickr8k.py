@@ -12,10 +12,10 @@
    (notebook 08). After each stage: dev BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, the share of captions that repeat a
    bigram, parameters, training captions/s and decoding captions/s. Each stage decodes dev greedily and with beam 3,
    in fp32 as `captioning evaluate` does, and reports the decoding with the higher dev CIDEr-D: a choice made on
-   dev, as the epoch is (after self-critical training greedy is the usual report, as in Rennie et al., but beam
-   search scored higher in our runs). CIDEr-D of the other decoding is printed beside it, so the choice hides
-   nothing. Each stage writes an
-   export folder; the best model's is copied to OUTPUT/export, which works with
+   dev, as the epoch is (after self-critical training greedy is the usual report, as in Rennie et al., but in
+   our runs beam search scored higher in some and lower in others). CIDEr-D of the other decoding is printed
+   beside it, so the choice hides nothing. Each stage writes an export folder (recording the chosen decoding);
+   the best model's is copied to OUTPUT/export, which works with
    `captioning evaluate OUTPUT/export --split test` on any Flickr8k root that has a test list.
 3. The seed blog's recipe on the same data and machine: a frozen ResNet50 run on every image at every step (no
    feature cache), an LSTM decoder, fp32. We time 20 training steps and print captions/s and the ratio to ours.
