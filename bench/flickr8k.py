@@ -150,6 +150,7 @@ def run(args) -> dict:
     print(f"features: {results['feature_minutes']:.1f} min ({args.encoder}); {vocab}", flush=True)
 
     for kind in args.models.split(","):
+        torch.manual_seed(0)  # the decoder's initial weights: a rerun starts from the same model
         model = CaptionModel(encoder, build_decoder(decoder_config(kind, vocab, encoder.feature_dim)))
         ce = TrainConfig(patience=args.patience, **stage_settings(kind, "cross-entropy", args.epochs, args.minutes))
         stages = [("cross-entropy", ce, None)]

@@ -39,7 +39,7 @@ def _add_dataset_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--root", type=Path, default=None,
                         help="data folder (flickr8k: defaults to $CAPTIONING_FLICKR8K), Karpathy JSON file, or HF dataset name")
     parser.add_argument("--images-root", type=Path, default=None, help="image folder for --dataset karpathy")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset, the initial weights and training")
     parser.add_argument("--n-train", type=int, default=2000, help="synthetic training images")
     parser.add_argument("--n-dev", type=int, default=250, help="synthetic dev (and test) images")
 
@@ -116,6 +116,7 @@ def _train(args, device: torch.device) -> int:
     def extract(items):  # rank 0 fills the feature cache; the other processes wait, then read it
         return rank_zero_first(lambda: extract_features(encoder, items, args.cache_dir, verbose=main_process))
     train_features, dev_features = extract(train_items), extract(dev_items)
+    torch.manual_seed(args.seed)  # the decoder's initial weights: the same command trains the same model
     decoder = build_decoder(decoder_config_from_args(args, len(vocab), encoder.feature_dim))
     model = CaptionModel(encoder, decoder).to(device)
     lr = args.lr if args.lr is not None else _DEFAULT_LR.get(args.decoder, 2e-3)

@@ -54,3 +54,15 @@ def test_train_a_transformer_then_self_critical(tmp_path, capsys):
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["decoder"]["kind"] == "transformer"
     assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
+
+
+def test_the_same_command_trains_the_same_weights(tmp_path):
+    "--seed fixes the decoder's initial weights as well as the data and the batches: two runs export equal weights."
+    import torch
+    from safetensors.torch import load_file
+    common = ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+              "--fine-tune-epochs", "0", "--no-meteor", "--warmup-steps", "2"]
+    for run in ("a", "b"):
+        assert main(["train", *common, "--output", str(tmp_path / run)]) == 0
+    a, b = (load_file(str(tmp_path / run / "export" / "model.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
