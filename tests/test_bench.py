@@ -35,13 +35,13 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
         other = {"greedy": "beam 3", "beam 3": "greedy"}[row["decoding"]]
         assert row["CIDEr-D"] >= row[f"CIDEr-D {other}"]
     assert stages[1]["recipe_minutes"] > stages[0]["recipe_minutes"] > results["feature_minutes"]
+    items = load_flickr8k(flickr8k_root, splits=["dev"])["dev"][:8]  # the bench's dev images, read as `captioning evaluate` reads them
     for row in stages:  # the export records the reported decoding, and decoding it again gives the reported figures
         folder = tmp_path / "bench" / "attention" / row["stage"] / "export"
         config = json.loads((folder / "config.json").read_text())
         assert decoding_name(config["generation"]["beam_size"]) == row["decoding"]
         assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
         model, vocab, _ = load_exported(folder)
-        items = load_flickr8k(flickr8k_root, splits=["dev"])["dev"][:8]  # as `captioning evaluate` reads them:
         dev_set = ImageDataset(items, features=extract_features(model.encoder, items, tmp_path / "bench" / "feature_cache"))
         metrics, _ = evaluate_model(model, vocab, dev_set, beam_size=config["generation"]["beam_size"], meteor=False)
         assert metrics["CIDEr-D"] == pytest.approx(row["CIDEr-D"], abs=1e-9)
