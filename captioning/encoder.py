@@ -7,7 +7,7 @@ __all__ = ['EFFICIENTNET_LITE0_STAGES', 'ENCODERS', 'ImageEncoder', 'PretrainedW
            'Conv2dSame', 'MBConvLite', 'EfficientNetLite0', 'EfficientNetLiteEncoder', 'TorchvisionEncoder',
            'ResNet50Encoder', 'MobileNetV2Encoder', 'resized_input', 'build_encoder', 'EncoderConfig',
            'parameter_groups', 'bf16_autocast_available', 'encoder_throughput', 'FeatureCacheError', 'FeatureStore',
-           'weights_fingerprint', 'feature_cache_key', 'extract_features']
+           'weights_fingerprint', 'feature_cache_key', 'mirror_pixels', 'extract_features', 'RandomView']
 
 # %% ../nbs/03_encoder.ipynb #9a859834
 import contextlib
@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 import uuid
@@ -427,12 +428,14 @@ def weights_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def feature_cache_key(encoder: ImageEncoder, image_ids: Sequence[str], bf16: bool, regions_dtype: str) -> dict:
+def feature_cache_key(encoder: ImageEncoder, image_ids: Sequence[str], bf16: bool, regions_dtype: str,
+                      mirror: bool = False) -> dict:
     "Everything that determines cached features, as a JSON-able dict with its `key` (a hash of the rest)."
     spec = {"format": 1, "encoder": encoder.name, "preprocessing": asdict(encoder.preprocessing),
             "weights": weights_fingerprint(encoder), "compute": "bfloat16" if bf16 else "float32",
             "regions_dtype": regions_dtype, "num_images": len(image_ids),
             "image_ids": hashlib.sha256("\n".join(image_ids).encode()).hexdigest()}
+    if mirror: spec["mirror"] = True  # the images flipped left to right (absent otherwise: older caches keep their keys)
     return dict(spec, key=hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16])
 
 # %% ../nbs/03_encoder.ipynb #5cdbf650
@@ -450,18 +453,24 @@ def _remove_abandoned(cache_dir: Path, name: str):
         if not pid.isdigit() or not _pid_alive(int(pid)): shutil.rmtree(tmp, ignore_errors=True)
 
 
+def mirror_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    "An image tensor (..., H, W) flipped left to right."
+    return pixels.flip(-1)
+
+
 def extract_features(encoder: ImageEncoder, images: Sequence[CaptionedImage], cache_dir, batch_size: int = 32,
                      bf16: bool | None = None, regions_dtype: str = "float16", num_workers: int = 0,
-                     verbose: bool = True) -> FeatureStore:
-    "Features of `images` from the cache in `cache_dir`, extracting and caching them first if needed."
+                     verbose: bool = True, mirror: bool = False) -> FeatureStore:
+    "Features of `images` (flipped left to right if `mirror`) from the cache in `cache_dir`, extracting and caching them first if needed."
     ids = [item.image_id for item in images]
     if not ids: raise ValueError("no images to extract features from")
     if len(set(ids)) != len(ids): raise ValueError("image ids must be unique: they key the feature cache")
     device = next(encoder.parameters()).device
     bf16 = bf16_autocast_available(device) if bf16 is None else bf16
-    spec = feature_cache_key(encoder, ids, bf16, regions_dtype)
+    spec = feature_cache_key(encoder, ids, bf16, regions_dtype, mirror)
     cache_dir = Path(cache_dir)
-    final = cache_dir / f"{encoder.name}-{encoder.preprocessing.size}px-{len(ids)}img-{spec['key']}"
+    view = "-mirrored" if mirror else ""
+    final = cache_dir / f"{encoder.name}-{encoder.preprocessing.size}px-{len(ids)}img{view}-{spec['key']}"
     if final.exists():
         try: return FeatureStore.open(final)
         except FeatureCacheError:
@@ -470,7 +479,9 @@ def extract_features(encoder: ImageEncoder, images: Sequence[CaptionedImage], ca
     _remove_abandoned(cache_dir, final.name)
     tmp = cache_dir / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    loader = DataLoader(ImageDataset(images, image_transforms(encoder.preprocessing, train=False)),
+    transform = image_transforms(encoder.preprocessing, train=False)
+    if mirror: transform = torchvision.transforms.Compose([transform, mirror_pixels])
+    loader = DataLoader(ImageDataset(images, transform),
                         batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     was_training, start = encoder.training, time.perf_counter()
     encoder.eval()
@@ -503,3 +514,24 @@ def extract_features(encoder: ImageEncoder, images: Sequence[CaptionedImage], ca
         encoder.train(was_training)
     if verbose: print(f"extracted {n} images with {encoder.name} in {seconds:.1f}s ({n / seconds:.0f} img/s) -> {final}")
     return FeatureStore.open(final)
+
+# %% ../nbs/03_encoder.ipynb #2928ef85
+class RandomView:
+    "Several cached views of the same images (e.g. plain and mirrored): each lookup returns one of them at random."
+
+    def __init__(self, *views: FeatureStore):
+        if not views: raise ValueError("RandomView needs at least one feature store")
+        for view in views[1:]:
+            if view.image_ids != views[0].image_ids:
+                raise ValueError(f"{view.path} does not hold the images of {views[0].path}, in the same order: "
+                                 "every view must be extracted from the same image list")
+        self.views = views
+
+    @property
+    def image_ids(self) -> list[str]: return self.views[0].image_ids
+
+    def __len__(self) -> int: return len(self.views[0])
+
+    def __getitem__(self, index) -> tuple[torch.Tensor, torch.Tensor]:
+        "Features of image(s) `index` from one view, drawn with Python's `random` (seeded and checkpointed by `fit`)."
+        return self.views[random.randrange(len(self.views))][index]

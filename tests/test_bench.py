@@ -24,7 +24,7 @@ def load_bench():
 def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     bench = load_bench()
     args = Namespace(root=flickr8k_root, output=tmp_path / "bench", encoder="efficientnet_lite0", cache_dir=None,
-                     image_size=96, crop=False, models="attention", epochs=1, minutes=None, patience=6, scst_epochs=1, scst_minutes=None,
+                     image_size=96, crop=False, mirror=True, models="attention", epochs=1, minutes=None, patience=6, scst_epochs=1, scst_minutes=None,
                      train_images=40, dev_images=8, skip_seed=True, restart=True)
     results = bench.run(args)
     bench.print_table(results)
@@ -45,6 +45,8 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
         dev_set = ImageDataset(items, features=extract_features(model.encoder, items, tmp_path / "bench" / "feature_cache"))
         metrics, _ = evaluate_model(model, vocab, dev_set, beam_size=config["generation"]["beam_size"], meteor=False)
         assert metrics["CIDEr-D"] == pytest.approx(row["CIDEr-D"], abs=1e-9)
+    caches = sorted(p.name.split("-")[2:-1] for p in (tmp_path / "bench" / "feature_cache").iterdir())
+    assert caches == [["40img"], ["40img", "mirrored"], ["8img"]]  # the training images twice: plain and mirrored
     assert (tmp_path / "bench" / "export" / "model.safetensors").exists()
     assert f"| attention | self-critical | {stages[1]['decoding']} |" in table
 
