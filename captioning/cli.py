@@ -19,7 +19,7 @@ from .data import (CaptionDataset, DatasetFormatError, DatasetUnavailable, Image
                              find_flickr8k, image_transforms, load_corpus, load_image, show_images)
 from .distributed import is_main, rank_zero_first, torchrun_session, world_size
 from .decoder import DECODER_KINDS, DecoderConfig, build_decoder, decoding_name
-from .encoder import ENCODERS, PretrainedWeightsUnavailable, build_encoder, extract_features
+from .encoder import ENCODERS, PretrainedWeightsUnavailable, RandomView, build_encoder, extract_features
 from .metrics import METRIC_NAMES
 from .training import (CaptionModel, CheckpointError, TrainConfig, evaluate_model, export_model, fit,
                                  load_exported)
@@ -113,9 +113,12 @@ def _train(args, device: torch.device) -> int:
         print(f"{args.dataset}: {len(train_items):,} training / {len(dev_items):,} dev images; {vocab}; encoder {args.encoder} on {device}"
               + (f" x {world_size()} processes" if world_size() > 1 else ""))
 
-    def extract(items):  # rank 0 fills the feature cache; the other processes wait, then read it
-        return rank_zero_first(lambda: extract_features(encoder, items, args.cache_dir, verbose=main_process))
-    train_features, dev_features = extract(train_items), extract(dev_items)
+    def extract(items, mirror=False):  # rank 0 fills the feature cache; the other processes wait, then read it
+        return rank_zero_first(lambda: extract_features(encoder, items, args.cache_dir, verbose=main_process, mirror=mirror))
+
+    def extract_train(items):  # --mirror: every read draws the plain or the mirrored view (notebook 03)
+        return RandomView(extract(items), extract(items, mirror=True)) if args.mirror else extract(items)
+    train_features, dev_features = extract_train(train_items), extract(dev_items)
     torch.manual_seed(args.seed)  # the decoder's initial weights: the same command trains the same model
     decoder = build_decoder(decoder_config_from_args(args, len(vocab), encoder.feature_dim))
     model = CaptionModel(encoder, decoder).to(device)
@@ -138,7 +141,7 @@ def _train(args, device: torch.device) -> int:
     if args.self_critical_epochs:  # stage 3 (notebook 08): optimise CIDEr-D itself, starting from the best model so far
         from .self_critical import SelfCriticalObjective, self_critical_config
         if args.fine_tune_blocks:  # the encoder changed, and so did its features
-            train_set = CaptionDataset(train_items, vocab, features=extract(train_items))
+            train_set = CaptionDataset(train_items, vocab, features=extract_train(train_items))
             dev_set = ImageDataset(dev_items, features=extract(dev_items))
         scst = self_critical_config(config, lr=args.self_critical_lr, epochs=args.self_critical_epochs,
                                     batch_size=args.self_critical_batch_size, max_minutes=None)
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--image-size", type=int, default=None, help="encoder input in pixels (default: its own, 224); "
                        "288 gives 9x9 regions")
     train.add_argument("--squash", action="store_true", help="resize whole photos to a square instead of a centre crop")
+    train.add_argument("--mirror", action="store_true", help="also train on the features of the mirrored training images "
+                       "(photos; not the synthetic shapes, whose captions say left and right)")
     train.add_argument("--decoder", choices=DECODER_KINDS, default="attention")
     train.add_argument("--size", choices=sorted(_SIZES), default=None, help="decoder size (default: small on synthetic, base otherwise)")
     train.add_argument("--epochs", type=int, default=8, help="most epochs; early stopping may end sooner")
