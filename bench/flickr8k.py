@@ -8,8 +8,8 @@
    photos squashed to 288x288 pixels, 9x9 regions (notebook 03 explains why; --crop --image-size 224 gives
    ImageNet's centre crop and 7x7 regions). The training images are extracted a second time, mirrored left to
    right, and training draws one of the two views at random each time it reads an image (notebook 03's
-   `RandomView`; --no-mirror turns it off): 2.2 more minutes of features against a decoder that otherwise learns
-   the 6,000 cached pictures by heart.
+   `RandomView`; --no-mirror turns it off): 2.2 more minutes of features, the one augmentation a cache allows
+   (notebook 03 gives what it bought: no harm, maybe a little).
 2. For each model (the LSTM with attention, and the Transformer): cross-entropy training on the 6,000 training
    images with dev CIDEr-D early stopping (notebook 05), then self-critical fine-tuning with a CIDEr-D reward
    (notebook 08). After each stage: dev BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, the share of captions that repeat a
