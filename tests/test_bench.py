@@ -57,3 +57,10 @@ def test_stage_settings_follow_the_recipe_unless_a_flag_overrides_them():
     assert bench.stage_settings("attention", "self-critical", None, None) == recipe
     assert bench.stage_settings("attention", "self-critical", 0, 3.0) == {**recipe, "epochs": 0, "max_minutes": 3.0}
     assert bench.RECIPES["attention"]["self-critical"] == recipe  # the recipe itself is not changed
+
+
+def test_every_self_critical_recipe_samples_with_a_valid_config():
+    from captioning.self_critical import SelfCriticalConfig
+    bench = load_bench()
+    configs = {kind: SelfCriticalConfig(**stages["self-critical"].get("sampling", {})) for kind, stages in bench.RECIPES.items()}
+    assert configs["transformer"].temperature < 1.0 == configs["attention"].temperature  # the label-smoothed model samples sharper
