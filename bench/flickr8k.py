@@ -76,9 +76,10 @@ def seed_recipe_captions_per_s(corpus: dict, vocab: Vocabulary, steps: int = 20,
 # Transformer: notebook 07's design at d_model 256 (the 512-wide default trains at ~75 captions/s here in fp32);
 # it wants a warm-up for its tied embeddings and runs in fp32 (bf16 hurt its dev CIDEr-D in notebook 07's runs),
 # and it gets two self-critical epochs (about 7 minutes each at 288 px) at 3e-4, sampling at temperature 0.7: it was
-# trained with label smoothing, which spreads a tenth of its probability over the whole vocabulary, so samples at
-# temperature 1 are full of stray words. From the same cross-entropy model (greedy 0.473), one epoch at temperature 1
-# scored 0.467 and at 0.7 0.497, then 0.509 after a second. ("sampling" is the SelfCriticalConfig of the stage.)
+# trained with label smoothing, which spreads a tenth of its probability over the whole vocabulary, so its samples at
+# temperature 1 are noisy. From the same cross-entropy model (greedy 0.473), one epoch at temperature 1 scored 0.467;
+# at 0.7, a scratch run scored 0.497 and then 0.509, and the benchmark's run 0.486 and 0.488.
+# ("sampling" is the SelfCriticalConfig of the stage.)
 RECIPES = {
     "attention": {"cross-entropy": dict(lr=2e-3, batch_size=128, epochs=11, max_minutes=17.0),
                   "self-critical": dict(lr=3e-4, batch_size=64, epochs=4, max_minutes=10.0, sampling=dict(temperature=1.0))},
