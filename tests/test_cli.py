@@ -56,27 +56,33 @@ def test_train_a_transformer_then_self_critical(tmp_path, capsys):
     assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
 
 
+def _tiny_train_args(tmp_path) -> list[str]:
+    "A one-epoch synthetic run of 40 images with a shared feature cache: seconds, not minutes."
+    return ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
+            "--fine-tune-epochs", "0", "--no-meteor", "--warmup-steps", "2"]
+
+
+def _exported_weights(run_dir) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
 def test_the_same_command_trains_the_same_weights(tmp_path):
     "--seed fixes the decoder's initial weights as well as the data and the batches: two runs export equal weights."
     import torch
-    from safetensors.torch import load_file
-    common = ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
-              "--fine-tune-epochs", "0", "--no-meteor", "--warmup-steps", "2"]
     for run in ("a", "b"):
-        assert main(["train", *common, "--output", str(tmp_path / run)]) == 0
-    a, b = (load_file(str(tmp_path / run / "export" / "model.safetensors")) for run in ("a", "b"))
+        assert main(["train", *_tiny_train_args(tmp_path), "--output", str(tmp_path / run)]) == 0
+    a, b = (_exported_weights(tmp_path / run) for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_mirror_trains_on_the_mirrored_images_too(tmp_path):
     "--mirror extracts a second, mirrored cache of the training images, and training reads it: the weights change."
     import torch
-    from safetensors.torch import load_file
-    common = ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
-              "--fine-tune-epochs", "0", "--no-meteor", "--warmup-steps", "2"]
+    common = _tiny_train_args(tmp_path)
     assert main(["train", *common, "--output", str(tmp_path / "plain")]) == 0
     assert not list((tmp_path / "cache").glob("*mirrored*"))
     assert main(["train", *common, "--mirror", "--output", str(tmp_path / "mirror")]) == 0
     assert [p.name.split("-")[2] for p in (tmp_path / "cache").glob("*mirrored*")] == ["40img"]  # training images only
-    a, b = (load_file(str(tmp_path / run / "export" / "model.safetensors")) for run in ("plain", "mirror"))
+    a, b = (_exported_weights(tmp_path / run) for run in ("plain", "mirror"))
     assert not all(torch.equal(a[k], b[k]) for k in a)
