@@ -34,6 +34,8 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     for row in stages:  # the reported decoding is the one with the higher dev CIDEr-D; the other's is beside it
         other = {"greedy": "beam 3", "beam 3": "greedy"}[row["decoding"]]
         assert row["CIDEr-D"] >= row[f"CIDEr-D {other}"]
+        assert row["by_decoding"][row["decoding"]] == {"CIDEr-D": row["CIDEr-D"], "repeated_bigram_rate": row["repeated_bigram_rate"]}
+        assert row["by_decoding"][other]["CIDEr-D"] == row[f"CIDEr-D {other}"]
     assert stages[1]["recipe_minutes"] > stages[0]["recipe_minutes"] > results["feature_minutes"]
     items = load_flickr8k(flickr8k_root, splits=["dev"])["dev"][:8]  # the bench's dev images, read as `captioning evaluate` reads them
     for row in stages:  # the export records the reported decoding, and decoding it again gives the reported figures
@@ -49,6 +51,23 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     assert caches == [["40img"], ["40img", "mirrored"], ["8img"]]  # the training images twice: plain and mirrored
     assert (tmp_path / "bench" / "export" / "model.safetensors").exists()
     assert f"| attention | self-critical | {stages[1]['decoding']} |" in table
+    assert bench.self_critical_gains(results)[0] in table
+
+
+def test_self_critical_gains_compare_the_same_decoding_and_the_reported_ones():
+    bench = load_bench()
+    def row(stage, decoding, greedy, beam, rates):
+        by = {"greedy": {"CIDEr-D": greedy, "repeated_bigram_rate": rates[0]},
+              "beam 3": {"CIDEr-D": beam, "repeated_bigram_rate": rates[1]}}
+        return {"model": "transformer", "stage": stage, "decoding": decoding, **by[decoding], "by_decoding": by}
+    results = {"stages": [row("cross-entropy", "beam 3", 0.40, 0.50, (0.10, 0.05)),
+                          row("self-critical", "greedy", 0.48, 0.45, (0.08, 0.02))]}
+    [line] = bench.self_critical_gains(results)
+    assert line == ("transformer, self-critical against cross-entropy, dev CIDEr-D: "
+                    "greedy 0.400 -> 0.480 (+20.0 %), repeated bigrams 0.100 -> 0.080; "
+                    "beam 3 0.500 -> 0.450 (-10.0 %), repeated bigrams 0.050 -> 0.020; "
+                    "reported (beam 3 -> greedy) 0.500 -> 0.480 (-4.0 %)")
+    assert bench.self_critical_gains({"stages": results["stages"][:1]}) == []  # no self-critical stage, no line
 
 
 def test_stage_settings_follow_the_recipe_unless_a_flag_overrides_them():
