@@ -136,7 +136,7 @@ def measure(model, vocab, dev_set, history: list[dict]) -> tuple[dict, int]:
         if other != chosen: metrics[f"CIDEr-D {decoding_name(other)}"] = decoded[other][2]
     trained = sum(h["seconds"] for h in history) or 1.0
     return {**metrics, "decoding": decoding_name(chosen),
-            "repeated_bigram_rate": repeated_ngram_rate(captions, 2),
+            "repeated_bigram_rate": by_decoding[decoding_name(chosen)]["repeated_bigram_rate"],
             "parameters": sum(p.numel() for p in model.decoder.parameters()),
             "train_captions_per_s": sum(h["captions_per_s"] * h["seconds"] for h in history) / trained,
             "decode_captions_per_s": len(captions) / seconds, "epochs": len(history), "samples": captions[:3],
