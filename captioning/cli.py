@@ -170,10 +170,15 @@ def _export_folder(path: Path) -> Path:
 
 
 def _generation(args, config: dict) -> dict:
-    "How to decode: `--beam-size` if given, else what the export recorded (a self-critical model may say greedy)."
+    """How to decode: `--beam-size` and `--no-repeat-ngram-size` where given, else what the export recorded (a
+    self-critical model may say greedy, with repeated bigrams blocked)."""
     recorded = config.get("generation", {})
-    beam_size = args.beam_size if args.beam_size is not None else recorded.get("beam_size", 3)
-    return {"beam_size": beam_size, "max_len": recorded.get("max_len", 20)}
+    given = {"beam_size": args.beam_size, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+    generation = {k: recorded.get(k, default) if given[k] is None else given[k] for k, default in (("beam_size", 3), ("no_repeat_ngram_size", 0))}
+    if generation["beam_size"] < 1: raise ValueError(f"the beam size must be at least 1, got {generation['beam_size']}")
+    if generation["no_repeat_ngram_size"] < 0:
+        raise ValueError(f"--no-repeat-ngram-size must be 0 (off) or more, got {generation['no_repeat_ngram_size']}")
+    return {**generation, "max_len": recorded.get("max_len", 20)}
 
 
 def evaluate_command(args) -> int:
@@ -184,7 +189,7 @@ def evaluate_command(args) -> int:
     dataset = ImageDataset(items, features=extract_features(model.encoder, items, args.cache_dir))
     generation = _generation(args, config)
     metrics, captions = evaluate_model(model, vocab, dataset, meteor=not args.no_meteor, **generation)
-    _print_metrics(metrics, f"{args.dataset} {args.split} ({len(items):,} images, {decoding_name(generation['beam_size'])}; "
+    _print_metrics(metrics, f"{args.dataset} {args.split} ({len(items):,} images, {decoding_name(**generation)}; "
                             "0-1 scale, CIDEr-D 0-10):")
     for item, caption in list(zip(items, captions))[:3]: print(f"  {item.image_id}: {caption}")
     return 0
@@ -281,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_arguments(evaluate)
     evaluate.add_argument("--split", default="dev", choices=("train", "dev", "test"))
     evaluate.add_argument("--beam-size", type=int, default=None, help="default: the export's own decoding, else 3")
+    evaluate.add_argument("--no-repeat-ngram-size", type=int, default=None, help="never repeat an n-gram of this size in "
+                          "a caption (0: off); default: the export's own decoding, else 0")
     evaluate.add_argument("--no-meteor", action="store_true")
     evaluate.add_argument("--cache-dir", type=Path, default=Path("runs/feature_cache"))
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -290,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("images", nargs="+", type=Path)
     caption.add_argument("--model", type=Path, default=DEFAULT_RUN, help="export folder (default: the main job's)")
     caption.add_argument("--beam-size", type=int, default=None, help="default: the export's own decoding, else 3")
+    caption.add_argument("--no-repeat-ngram-size", type=int, default=None, help="default: the export's own decoding, else 0")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     caption.set_defaults(run=caption_command)

@@ -359,9 +359,10 @@ def beam_search(decoder: CaptionDecoder, global_features: Tensor | None, region_
     return (tokens, attention[winners, :L]) if return_attention else tokens
 
 
-def decoding_name(beam_size: int) -> str:
-    "How reports name a decoding: 'greedy' for beam size 1, else 'beam K'."
-    return "greedy" if beam_size == 1 else f"beam {beam_size}"
+def decoding_name(beam_size: int, no_repeat_ngram_size: int = 0, **_) -> str:
+    "How reports name a decoding: 'greedy' or 'beam K', plus ', no repeated N-grams' when blocking is on; other settings are ignored."
+    name = "greedy" if beam_size == 1 else f"beam {beam_size}"
+    return f"{name}, no repeated {no_repeat_ngram_size}-grams" if no_repeat_ngram_size else name
 
 # %% ../nbs/04_decoder.ipynb #975ee026
 def sample_decode(decoder: CaptionDecoder, global_features: Tensor | None, region_features: Tensor | None = None,

@@ -31,21 +31,24 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     table = capsys.readouterr().out
     stages = results["stages"]
     assert [r["stage"] for r in stages] == ["cross-entropy", "self-critical"]
-    for row in stages:  # the reported decoding is the one with the higher dev CIDEr-D; the other's is beside it
-        other = {"greedy": "beam 3", "beam 3": "greedy"}[row["decoding"]]
-        assert row["CIDEr-D"] >= row[f"CIDEr-D {other}"]
-        assert row["by_decoding"][row["decoding"]] == {"CIDEr-D": row["CIDEr-D"], "repeated_bigram_rate": row["repeated_bigram_rate"]}
-        assert row["by_decoding"][other]["CIDEr-D"] == row[f"CIDEr-D {other}"]
+    names = ["greedy", "beam 3", "greedy, no repeated 2-grams"]
+    for row in stages:  # the reported decoding is the one with the highest dev CIDEr-D; the others' are beside it
+        assert list(row["by_decoding"]) == names and row["decoding"] in names
+        assert row["by_decoding"][row["decoding"]] == {"CIDEr-D": row["CIDEr-D"], "BLEU-4": row["BLEU-4"],
+                                                       "repeated_bigram_rate": row["repeated_bigram_rate"]}
+        for other in set(names) - {row["decoding"]}:
+            assert row["CIDEr-D"] >= row[f"CIDEr-D {other}"] == row["by_decoding"][other]["CIDEr-D"]
+        assert row["by_decoding"]["greedy, no repeated 2-grams"]["repeated_bigram_rate"] == 0.0
     assert stages[1]["recipe_minutes"] > stages[0]["recipe_minutes"] > results["feature_minutes"]
     items = load_flickr8k(flickr8k_root, splits=["dev"])["dev"][:8]  # the bench's dev images, read as `captioning evaluate` reads them
     for row in stages:  # the export records the reported decoding, and decoding it again gives the reported figures
         folder = tmp_path / "bench" / "attention" / row["stage"] / "export"
         config = json.loads((folder / "config.json").read_text())
-        assert decoding_name(config["generation"]["beam_size"]) == row["decoding"]
+        assert decoding_name(**config["generation"]) == row["decoding"]
         assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
         model, vocab, _ = load_exported(folder)
         dev_set = ImageDataset(items, features=extract_features(model.encoder, items, tmp_path / "bench" / "feature_cache"))
-        metrics, _ = evaluate_model(model, vocab, dev_set, beam_size=config["generation"]["beam_size"], meteor=False)
+        metrics, _ = evaluate_model(model, vocab, dev_set, meteor=False, **config["generation"])
         assert metrics["CIDEr-D"] == pytest.approx(row["CIDEr-D"], abs=1e-9)
     caches = sorted(p.name.split("-")[2:-1] for p in (tmp_path / "bench" / "feature_cache").iterdir())
     assert caches == [["40img"], ["40img", "mirrored"], ["8img"]]  # the training images twice: plain and mirrored

@@ -31,6 +31,15 @@ def test_train_evaluate_caption_end_to_end(tmp_path, capsys):
     assert "test (" in (out := capsys.readouterr().out) and "greedy;" in out
     assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", "--beam-size", "2"]) == 0
     assert "beam 2;" in capsys.readouterr().out
+    # n-gram blocking, recorded by the export (the bench may choose it) or given, is used and named
+    config_path.write_text(json.dumps({**config, "generation": {**config["generation"], "beam_size": 1, "no_repeat_ngram_size": 2}}))
+    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
+    assert "greedy, no repeated 2-grams;" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", "--no-repeat-ngram-size", "0"]) == 0
+    assert "greedy;" in capsys.readouterr().out
+    for bad in (["--no-repeat-ngram-size", "-1"], ["--beam-size", "0"]):
+        assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", *bad]) == 2
+        assert bad[1] in capsys.readouterr().err
     synthetic_corpus(0, 0, 1, seed=3)["test"][0].load().save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"garbage")
     assert main(["caption", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", str(tmp_path / "run")]) == 1
