@@ -37,9 +37,10 @@ def test_train_evaluate_caption_end_to_end(tmp_path, capsys):
     assert "greedy, no repeated 2-grams;" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", "--no-repeat-ngram-size", "0"]) == 0
     assert "greedy;" in capsys.readouterr().out
-    for bad in (["--no-repeat-ngram-size", "-1"], ["--beam-size", "0"]):
+    for bad, message in ((["--no-repeat-ngram-size", "-1"], "must be 0 (off) or more, got -1"),
+                         (["--beam-size", "0"], "beam size must be at least 1, got 0")):
         assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", *bad]) == 2
-        assert bad[1] in capsys.readouterr().err
+        assert message in capsys.readouterr().err
     synthetic_corpus(0, 0, 1, seed=3)["test"][0].load().save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"garbage")
     assert main(["caption", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", str(tmp_path / "run")]) == 1
