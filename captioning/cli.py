@@ -173,12 +173,11 @@ def _generation(args, config: dict) -> dict:
     """How to decode: `--beam-size` and `--no-repeat-ngram-size` where given, else what the export recorded (a
     self-critical model may say greedy, with repeated bigrams blocked)."""
     recorded = config.get("generation", {})
-    given = {"beam_size": args.beam_size, "no_repeat_ngram_size": args.no_repeat_ngram_size}
-    generation = {k: recorded.get(k, default) if given[k] is None else given[k] for k, default in (("beam_size", 3), ("no_repeat_ngram_size", 0))}
-    if generation["beam_size"] < 1: raise ValueError(f"the beam size must be at least 1, got {generation['beam_size']}")
-    if generation["no_repeat_ngram_size"] < 0:
-        raise ValueError(f"--no-repeat-ngram-size must be 0 (off) or more, got {generation['no_repeat_ngram_size']}")
-    return {**generation, "max_len": recorded.get("max_len", 20)}
+    beam_size = recorded.get("beam_size", 3) if args.beam_size is None else args.beam_size
+    no_repeat = recorded.get("no_repeat_ngram_size", 0) if args.no_repeat_ngram_size is None else args.no_repeat_ngram_size
+    if beam_size < 1: raise ValueError(f"the beam size must be at least 1, got {beam_size}")
+    if no_repeat < 0: raise ValueError(f"--no-repeat-ngram-size must be 0 (off) or more, got {no_repeat}")
+    return {"beam_size": beam_size, "no_repeat_ngram_size": no_repeat, "max_len": recorded.get("max_len", 20)}
 
 
 def evaluate_command(args) -> int:
