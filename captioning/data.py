@@ -5,14 +5,16 @@
 # %% auto #0
 __all__ = ['FLICKR8K_ENV', 'ImageLoadError', 'load_image', 'DatasetFormatError', 'CaptionedImage', 'find_flickr8k',
            'load_flickr8k', 'write_fake_flickr8k', 'load_flickr8k_csv', 'load_karpathy', 'DatasetUnavailable',
-           'load_hf', 'load_corpus', 'default_corpus', 'CaptionDataset', 'ImageDataset', 'ImagePreprocessing',
+           'hub_unreachable_reason', 'load_hf', 'load_corpus', 'CaptionDataset', 'ImageDataset', 'ImagePreprocessing',
            'Augmentation', 'image_transforms', 'CaptionBatch', 'collate_captions', 'collate_images', 'show_images']
 
 # %% ../nbs/02_data.ipynb #ffdd132b
 import csv
 import hashlib
+import io
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -46,13 +48,18 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 def load_image(path) -> Image.Image:
     "Read an image file as RGB, with a clear error naming a missing, unreadable or truncated file."
     path = Path(path)
+    if path.is_dir(): raise ImageLoadError(f"{path} is a folder, not an image file")
     if not path.is_file(): raise ImageLoadError(f"image file not found: {path}")
     try:
-        with Image.open(path) as image:
-            truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-            try: image.load()
-            finally: ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
-            return _to_rgb(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, rather than decode, a suspect size
+            with Image.open(path) as image:
+                truncated_ok, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+                try: image.load()
+                finally: ImageFile.LOAD_TRUNCATED_IMAGES = truncated_ok
+                return _to_rgb(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"refusing to open {path}: {e} (Pillow's guard against decompression bombs)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"cannot read image {path}: {e}") from None
 
@@ -98,9 +105,11 @@ def find_flickr8k() -> Path | None:
 
 def _read_lines(path: Path) -> list[tuple[int, str]]:
     "Non-blank lines of a text file with their 1-based line numbers."
+    if path.is_dir(): raise DatasetFormatError(f"{path} is a folder, not a dataset file")
     if not path.is_file(): raise FileNotFoundError(f"dataset file not found: {path}")
-    return [(n, line.rstrip("\r\n")) for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-            if line.strip()]
+    try: text = path.read_text(encoding="utf-8-sig")  # "-sig": a byte-order mark is not part of the first caption
+    except UnicodeDecodeError as e: raise DatasetFormatError(f"{path} is not UTF-8 text ({e}): convert it to UTF-8") from None
+    return [(n, line.rstrip("\r\n")) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
 def _check_caption(caption: str, where: str) -> str:
@@ -176,7 +185,9 @@ def load_flickr8k_csv(root, n_dev: int = 1000, n_test: int = 1000) -> dict[str, 
     csv_file = root / "captions.txt"
     if not csv_file.is_file(): raise FileNotFoundError(f"dataset file not found: {csv_file}")
     captions: dict[str, list[str]] = {}
-    with open(csv_file, newline="", encoding="utf-8") as f:
+    try: text = csv_file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e: raise DatasetFormatError(f"{csv_file} is not UTF-8 text ({e}): convert it to UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         rows = csv.reader(f)
         header = next(rows, None)
         if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
@@ -205,8 +216,9 @@ def load_karpathy(json_path, images_root) -> dict[str, list[CaptionedImage]]:
     "A Karpathy split file (`dataset_{flickr8k,flickr30k,coco}.json`) with images under `images_root`."
     json_path, images_root = Path(json_path), Path(images_root)
     if not json_path.is_file(): raise FileNotFoundError(f"dataset file not found: {json_path}")
-    try: data = json.loads(json_path.read_text(encoding="utf-8"))
+    try: data = json.loads(json_path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e: raise DatasetFormatError(f"{json_path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e: raise DatasetFormatError(f"{json_path} is not UTF-8 text ({e})") from None
     if not isinstance(data, dict) or "images" not in data:
         raise DatasetFormatError(f"{json_path}: expected an object with an 'images' list (Karpathy format)")
     corpus: dict[str, list[CaptionedImage]] = {"train": [], "dev": [], "test": []}
@@ -242,7 +254,7 @@ def _hf_rows_to_items(rows, image_column: str, caption_column: str, id_column: s
 _LOCAL_BUILDERS = {"imagefolder", "csv", "json", "parquet", "arrow", "text"}
 
 
-def _hub_unreachable_reason(timeout: float = 3.0) -> str | None:
+def hub_unreachable_reason(timeout: float = 3.0) -> str | None:
     "Why the Hugging Face hub cannot be reached (a quick connection test), or None if it can."
     import socket
     from urllib.parse import urlparse
@@ -265,7 +277,7 @@ def load_hf(name: str, data_dir=None, image_column: str = "image", caption_colum
     advice = ("Without internet, use dataset 'synthetic' or a local copy (Flickr8k folder, Karpathy JSON, or an "
               "imagefolder with metadata.jsonl); a dataset already in the Hugging Face cache loads with HF_HUB_OFFLINE=1.")
     if name not in _LOCAL_BUILDERS and not Path(name).exists():
-        reason = _hub_unreachable_reason()
+        reason = hub_unreachable_reason()
         if reason: raise DatasetUnavailable(f"could not download the Hugging Face dataset {name!r}: {reason}. {advice}")
     try:
         loaded = datasets.load_dataset(name, data_dir=str(data_dir) if data_dir else None)
@@ -285,28 +297,16 @@ def load_hf(name: str, data_dir=None, image_column: str = "image", caption_colum
     return corpus
 
 # %% ../nbs/02_data.ipynb #a6661c99
-def load_corpus(name: str = "synthetic", root=None, **kwargs) -> dict[str, list[CaptionedImage]]:
-    "Load a corpus by name: 'synthetic', 'flickr8k', 'flickr8k_csv', 'karpathy' (root = JSON file) or 'hf'."
-    if name == "synthetic":
-        from captioning.synthetic import synthetic_corpus
-        return synthetic_corpus(**kwargs)
+def load_corpus(name: str, root=None, **kwargs) -> dict[str, list[CaptionedImage]]:
+    "Load a corpus of photos by name: 'flickr8k', 'flickr8k_csv', 'karpathy' (root = JSON file) or 'hf'."
     if name == "flickr8k": return load_flickr8k(root, **kwargs)
     if name == "flickr8k_csv": return load_flickr8k_csv(root, **kwargs)
     if name == "karpathy":
-        if root is None: raise ValueError("karpathy needs root= the dataset_*.json file (and images_root=)")
+        if root is None: raise ValueError("karpathy needs the dataset_*.json file as its root (and images_root)")
         return load_karpathy(root, kwargs.pop("images_root", Path(root).parent / "Images"), **kwargs)
     if name == "hf": return load_hf(kwargs.pop("hf_name", root), **kwargs)
-    raise ValueError(f"unknown dataset {name!r}: use synthetic, flickr8k, flickr8k_csv, karpathy or hf")
-
-
-def default_corpus(verbose: bool = True, **synthetic_kwargs) -> tuple[str, dict[str, list[CaptionedImage]]]:
-    "Flickr8k if `find_flickr8k()` finds it, else the synthetic dataset; returns (name, corpus)."
-    root = find_flickr8k()
-    name, corpus = ("flickr8k", load_flickr8k(root)) if root else ("synthetic", load_corpus("synthetic", **synthetic_kwargs))
-    if verbose:
-        sizes = ", ".join(f"{s}: {len(v):,} images / {sum(len(i.captions) for i in v):,} captions" for s, v in corpus.items())
-        print(f"Using {name}" + (f" from {root}" if root else " (set CAPTIONING_FLICKR8K for real photos)") + f" — {sizes}")
-    return name, corpus
+    if name == "synthetic": raise ValueError("the synthetic corpus is drawn by captioning.synthetic.synthetic_corpus (notebook 02a)")
+    raise ValueError(f"unknown dataset {name!r}: use flickr8k, flickr8k_csv, karpathy or hf")
 
 # %% ../nbs/02_data.ipynb #dbe1e1d3
 class CaptionDataset(Dataset):

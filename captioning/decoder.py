@@ -14,17 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .recipes import DEFAULTS
 from .vocabulary import END_ID, PAD_ID, START_ID
 
 # %% auto #0
-__all__ = ['DECODER_KINDS', 'FEED_FEATURES', 'State', 'DecoderConfig', 'reorder_state', 'DecoderOutput', 'CaptionDecoder',
-           'ShowAndTellDecoder', 'AdditiveAttention', 'ShowAttendTellDecoder', 'doubly_stochastic_penalty',
-           'build_decoder', 'block_repeated_ngrams', 'greedy_decode', 'gnmt_length_penalty', 'beam_search',
-           'decoding_name', 'sample_decode', 'plot_attention']
+__all__ = ['FEED_FEATURES', 'DECODERS', 'State', 'DecoderConfig', 'register_decoder', 'reorder_state', 'DecoderOutput',
+           'PrunableUnits', 'CaptionDecoder', 'ShowAndTellDecoder', 'AdditiveAttention', 'ShowAttendTellDecoder',
+           'doubly_stochastic_penalty', 'build_decoder', 'block_repeated_ngrams', 'greedy_decode',
+           'gnmt_length_penalty', 'beam_search', 'decoding_name', 'sample_decode', 'plot_attention']
 
 # %% ../nbs/04_decoder.ipynb #139622b6
-DECODER_KINDS = ("lstm", "gru", "attention", "transformer")
 FEED_FEATURES = ("first_step", "initial_state")
+_D = DEFAULTS["decoder"]  # the default values and the reason for each: captioning.recipes (notebook 11)
 
 
 @dataclass
@@ -32,42 +33,35 @@ class DecoderConfig:
     "Hyper-parameters of a caption decoder: plain data that round-trips through JSON."
     vocab_size: int  # V: vocabulary size, the four special tokens included
     feature_dim: int  # D: the encoder's `feature_dim` (1280 for EfficientNet-Lite0, 2048 for ResNet-50)
-    kind: str = "lstm"  # 'lstm' or 'gru' (Show and Tell), 'attention' (Show, Attend and Tell) or 'transformer' (notebook 07)
-    embed_dim: int = 256  # E: word embedding size, also the size of the projected image vector (the blog's 256)
-    hidden_dim: int = 512  # H: recurrent state size, 512 as in Show and Tell and the seed blogs; d_model for the transformer
-    num_layers: int = 1  # stacked recurrent layers (Show and Tell), or decoder blocks (transformer); deeper RNNs overfit Flickr8k's 6k images
-    attention_dim: int = 256  # A: hidden size of the attention's scoring layer (attention only)
-    feed_features: str = "initial_state"  # Show and Tell: image as step -1's input ('first_step') or as h0/c0 ('initial_state')
-    batch_norm: bool = True  # BatchNorm1d after the image projection, as the seed blog's encoder ends (Show and Tell only)
-    feature_dropout: float = 0.0  # dropout on the projected image vector (Show and Tell only)
-    dropout: float = 0.5  # dropout on the hidden state before the output layer, 0.5 as in the usual Show, Attend and Tell code
-    gate_attention: bool = True  # scale the attention context by beta = sigmoid(f_beta(h)) (attention only)
-    num_heads: int = 8  # attention heads per block (transformer only): hidden_dim / num_heads = 64 per head at the defaults
-    ff_dim: int = 1024  # hidden size of each block's feed-forward network (transformer only), 2 x hidden_dim by default
+    kind: str = "lstm"  # which registered decoder: 'lstm' or 'gru' (Show and Tell), 'attention' (Show, Attend and Tell), ...
+    embed_dim: int = _D["embed_dim"]  # E: word embedding size, also the size of the projected image vector
+    hidden_dim: int = _D["hidden_dim"]  # H: recurrent state size
+    num_layers: int = _D["num_layers"]  # stacked recurrent layers (Show and Tell)
+    attention_dim: int = _D["attention_dim"]  # A: hidden size of the attention's scoring layer (attention only)
+    feed_features: str = _D["feed_features"]  # Show and Tell: image as step -1's input ('first_step') or as h0/c0 ('initial_state')
+    batch_norm: bool = _D["batch_norm"]  # BatchNorm1d after the image projection (Show and Tell only)
+    feature_dropout: float = _D["feature_dropout"]  # dropout on the projected image vector (Show and Tell only)
+    dropout: float = _D["dropout"]  # dropout on the hidden state before the output layer
+    gate_attention: bool = _D["gate_attention"]  # scale the attention context by beta = sigmoid(f_beta(h)) (attention only)
 
     def __post_init__(self):
-        if self.kind not in DECODER_KINDS:
-            raise ValueError(f"kind must be one of {DECODER_KINDS}, got {self.kind!r}")
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"kind must name a decoder, got {self.kind!r}")
         if self.feed_features not in FEED_FEATURES:
             raise ValueError(f"feed_features must be one of {FEED_FEATURES}, got {self.feed_features!r}")
-        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers", "attention_dim", "num_heads", "ff_dim"):
+        for name in ("vocab_size", "feature_dim", "embed_dim", "hidden_dim", "num_layers", "attention_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.vocab_size < 5:
             raise ValueError(f"vocab_size must cover the 4 special tokens and at least one word, got {self.vocab_size}")
         for name in ("dropout", "feature_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
         if self.kind == "attention" and (self.feed_features != "initial_state" or self.num_layers != 1):
             raise ValueError("the attention decoder is one LSTMCell initialised from the mean region feature: "
                              "use feed_features='initial_state' and num_layers=1")
-        if self.kind == "transformer" and self.hidden_dim % self.num_heads:
-            raise ValueError(f"the transformer splits hidden_dim (d_model) into num_heads equal heads: "
-                             f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}")
-        if self.kind == "transformer" and self.embed_dim != self.hidden_dim:
-            raise ValueError(f"the transformer ties its word embedding to its output layer, so embed_dim must equal "
-                             f"hidden_dim (d_model): got embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}")
 
     def to_dict(self) -> dict:
         "The config as a JSON-ready dict."
@@ -75,11 +69,24 @@ class DecoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
-        "Rebuild a config from `to_dict`'s output; unknown keys are an error, not silently dropped."
-        unknown = set(d) - {f.name for f in fields(cls)}
+        "Rebuild a config from `to_dict`'s output, as the config class its `kind` registered; unknown keys are an error."
+        if not isinstance(d, dict): raise ValueError(f"a decoder config must be a JSON object, got {type(d).__name__}")
+        config_class = DECODERS[d["kind"]].config_class if d.get("kind") in DECODERS else cls
+        unknown = set(d) - {f.name for f in fields(config_class)}
         if unknown:
-            raise ValueError(f"unknown DecoderConfig fields: {sorted(unknown)}")
-        return cls(**d)
+            raise ValueError(f"unknown {config_class.__name__} fields: {sorted(unknown)}")
+        return config_class(**d)
+
+
+DECODERS: dict[str, type] = {}  # kind -> decoder class: each decoder registers itself, this module names none of them
+
+
+def register_decoder(*kinds: str):
+    "Class decorator: `build_decoder` builds this class for configs of these `kind`s."
+    def register(cls):
+        for kind in kinds: DECODERS[kind] = cls
+        return cls
+    return register
 
 # %% ../nbs/04_decoder.ipynb #8413532d
 State = dict[str, Tensor]  # a decoder's recurrent state: every tensor batch-first
@@ -96,9 +103,16 @@ class DecoderOutput(NamedTuple):
     attention: Optional[Tensor]  # (B, T, N): weights over regions (attention decoder), else None
 
 
+class PrunableUnits(NamedTuple):
+    "Where a decoder's prunable units live: unit j of a group is index r*size + j along `dim` of each (module, tensor, dim, r) slot."
+    config_field: str  # the DecoderConfig field that counts the units of each group (e.g. 'hidden_dim')
+    groups: list[list[tuple[str, str, int, int]]]  # per group of units: (module path, tensor name, dim, repeats)
+
+
 class CaptionDecoder(nn.Module):
     "Base class: `init_state` + `step` is the one interface that training and every decoding method use."
     per_image_state: tuple[str, ...] = ()  # state entries `step` passes through unchanged
+    config_class = DecoderConfig  # the config dataclass of this decoder's kinds
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
@@ -126,7 +140,23 @@ class CaptionDecoder(nn.Module):
             attention.append(alpha)
         return DecoderOutput(torch.stack(logits, 1), None if attention[0] is None else torch.stack(attention, 1))
 
+    def prunable_weights(self) -> list[tuple[nn.Module, str]]:
+        "The weight matrices magnitude pruning may zero: Linear and recurrent weights, not embeddings (nor a Linear tied to one)."
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        found = []
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and id(module.weight) not in embeddings: found.append((module, "weight"))
+            elif isinstance(module, (nn.LSTMCell, nn.GRUCell)): found += [(module, "weight_ih"), (module, "weight_hh")]
+            elif isinstance(module, (nn.LSTM, nn.GRU)):
+                found += [(module, name) for name in module._flat_weights_names if name.startswith("weight")]
+        return found
+
+    def prunable_units(self) -> PrunableUnits:
+        "The units structured pruning may remove whole (every weight that writes or reads them); each decoder declares its own."
+        raise NotImplementedError(f"{type(self).__name__} does not declare prunable units")
+
 # %% ../nbs/04_decoder.ipynb #946480d9
+@register_decoder("lstm", "gru")
 class ShowAndTellDecoder(CaptionDecoder):
     "Show and Tell: an LSTM or GRU language model conditioned on the projected global image vector."
 
@@ -182,6 +212,17 @@ class ShowAndTellDecoder(CaptionDecoder):
         logits, _ = self._run(captions_in, self.init_state(global_features, region_features))
         return DecoderOutput(logits, None)
 
+    def prunable_units(self) -> PrunableUnits:
+        "The H hidden units of a one-layer LSTM/GRU: each gate's row in the input and recurrent weights, its column in W_hh and the output layer."
+        c = self.config
+        if c.num_layers != 1: raise ValueError(f"hidden-unit pruning handles one recurrent layer, got num_layers={c.num_layers}")
+        gates = 4 if c.kind == "lstm" else 3
+        slots = [("rnn", "weight_ih_l0", 0, gates), ("rnn", "weight_hh_l0", 0, gates), ("rnn", "weight_hh_l0", 1, 1),
+                 ("rnn", "bias_ih_l0", 0, gates), ("rnn", "bias_hh_l0", 0, gates), ("output", "weight", 1, 1)]
+        for init in ("init_h", "init_c"):
+            if getattr(self, init, None) is not None: slots += [(init, "weight", 0, 1), (init, "bias", 0, 1)]
+        return PrunableUnits("hidden_dim", [slots])
+
 # %% ../nbs/04_decoder.ipynb #9c63e954
 class AdditiveAttention(nn.Module):
     "Bahdanau attention over N regions: e_i = w^T tanh(W_a a_i + b + U_a h), alpha = softmax(e)."
@@ -204,6 +245,7 @@ class AdditiveAttention(nn.Module):
         return context, alpha
 
 # %% ../nbs/04_decoder.ipynb #672b20cf
+@register_decoder("attention")
 class ShowAttendTellDecoder(CaptionDecoder):
     "Show, Attend and Tell: an LSTMCell that reads a gated soft-attention context over the N regions at each step."
     per_image_state = ("regions", "keys")
@@ -239,6 +281,14 @@ class ShowAttendTellDecoder(CaptionDecoder):
         h, c = self.cell(torch.cat([self.embedding(tokens), context], -1), (h, c))  # (B, H)
         return self.output(self.dropout(h)), {**state, "h": h, "c": c}, alpha
 
+    def prunable_units(self) -> PrunableUnits:
+        "The H hidden units of the LSTMCell, with the layers that initialise, read and gate them."
+        slots = [("cell", "weight_ih", 0, 4), ("cell", "weight_hh", 0, 4), ("cell", "weight_hh", 1, 1),
+                 ("cell", "bias_ih", 0, 4), ("cell", "bias_hh", 0, 4), ("init_h", "weight", 0, 1), ("init_h", "bias", 0, 1),
+                 ("init_c", "weight", 0, 1), ("init_c", "bias", 0, 1), ("attention.hidden_proj", "weight", 1, 1),
+                 ("output", "weight", 1, 1)]
+        return PrunableUnits("hidden_dim", [slots + ([("gate", "weight", 1, 1)] if self.gate is not None else [])])
+
 
 def doubly_stochastic_penalty(attention: Tensor, mask: Tensor | None = None, weight: float = 1.0) -> Tensor:
     "weight * sum_i (1 - sum_t alpha_ti)^2, averaged over the batch, for attention (B, T, N); `mask` (B, T) marks real steps."
@@ -248,11 +298,11 @@ def doubly_stochastic_penalty(attention: Tensor, mask: Tensor | None = None, wei
 
 # %% ../nbs/04_decoder.ipynb #b5b8b00e
 def build_decoder(config: DecoderConfig) -> CaptionDecoder:
-    "The decoder `config.kind` names, freshly initialised."
-    if config.kind == "transformer":
-        from captioning.transformer import TransformerDecoder  # imported here: that module imports this one
-        return TransformerDecoder(config)
-    return ShowAttendTellDecoder(config) if config.kind == "attention" else ShowAndTellDecoder(config)
+    "The registered decoder that `config.kind` names, freshly initialised."
+    if config.kind not in DECODERS:
+        raise ValueError(f"no decoder of kind {config.kind!r} is registered (known: {', '.join(sorted(DECODERS))}); "
+                         "captioning.model imports every decoder module, which registers its decoders")
+    return DECODERS[config.kind](config)
 
 # %% ../nbs/04_decoder.ipynb #f225c3ab
 def block_repeated_ngrams(log_probs: Tensor, generated: Tensor, n: int) -> Tensor:

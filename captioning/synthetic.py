@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SHAPES', 'COLOURS', 'SIZES', 'BACKGROUNDS', 'GENERATOR_VERSION', 'Shape', 'Scene', 'render_scene', 'describe_scene',
-           'random_scene', 'synthetic_corpus']
+           'random_scene', 'synthetic_corpus', 'default_corpus']
 
 # %% ../nbs/02a_synthetic.ipynb #ff106864
 import functools
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from .data import CaptionedImage
+from .data import CaptionedImage, find_flickr8k, load_flickr8k
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {"red": (214, 39, 40), "green": (44, 160, 44), "blue": (31, 90, 210), "yellow": (240, 200, 20),
@@ -189,3 +189,13 @@ def synthetic_corpus(n_train: int = 2000, n_dev: int = 250, n_test: int = 250, s
                 image=functools.partial(render_scene, scene, image_size)))
         corpus[split] = items
     return corpus
+
+# %% ../nbs/02a_synthetic.ipynb #11413260
+def default_corpus(verbose: bool = True, **synthetic_kwargs) -> tuple[str, dict[str, list[CaptionedImage]]]:
+    "Flickr8k if `find_flickr8k()` finds it, else the synthetic world (sized by `synthetic_kwargs`); returns (name, corpus)."
+    root = find_flickr8k()
+    name, corpus = ("flickr8k", load_flickr8k(root)) if root else ("synthetic", synthetic_corpus(**synthetic_kwargs))
+    if verbose:
+        sizes = ", ".join(f"{split} {len(items):,} images" for split, items in corpus.items() if items)
+        print(f"Using {'Flickr8k photos' if root else 'the synthetic shapes (set CAPTIONING_FLICKR8K for real photos)'}: {sizes}")
+    return name, corpus

@@ -6,16 +6,18 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decoder import CaptionDecoder, DecoderConfig, DecoderOutput, State
+from .decoder import CaptionDecoder, DecoderConfig, DecoderOutput, PrunableUnits, State, register_decoder
+from .recipes import DEFAULTS
 
 # %% auto #0
-__all__ = ['causal_mask', 'attend', 'MultiHeadAttention', 'sinusoidal_encoding', 'TransformerBlock', 'TransformerDecoder',
-           'transformer_config']
+__all__ = ['causal_mask', 'attend', 'MultiHeadAttention', 'sinusoidal_encoding', 'TransformerBlock', 'TransformerConfig',
+           'TransformerDecoder']
 
 # %% ../nbs/07_transformer.ipynb #4142e357
 def causal_mask(length: int, device=None) -> Tensor:
@@ -99,6 +101,36 @@ class TransformerBlock(nn.Module):
         x = x + self.dropout(self.feed_forward(self.ff_norm(x)))
         return x, (keys, values), weights
 
+# %% ../nbs/07_transformer.ipynb #82727d9a
+_T = DEFAULTS["transformer"]  # default values and their reasons: captioning.recipes (notebook 11)
+
+
+@dataclass
+class TransformerConfig(DecoderConfig):
+    "A Transformer decoder's hyper-parameters: `DecoderConfig`'s, with d_model = `hidden_dim` = `embed_dim` (tied), heads and feed-forward width."
+    kind: str = "transformer"
+    embed_dim: int | None = None  # tied to the output layer: always equal to hidden_dim (None: take hidden_dim)
+    hidden_dim: int = _T["hidden_dim"]  # d_model
+    num_layers: int = _T["num_layers"]  # decoder blocks
+    num_heads: int = _T["num_heads"]  # attention heads per block: hidden_dim / num_heads dimensions each
+    ff_dim: int = _T["ff_dim"]  # hidden size of each block's feed-forward network
+    dropout: float = _T["dropout"]
+
+    def __post_init__(self):
+        if self.embed_dim is None: self.embed_dim = self.hidden_dim
+        super().__post_init__()
+        for name in ("num_heads", "ff_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.kind != "transformer": raise ValueError(f"a TransformerConfig has kind 'transformer', got {self.kind!r}")
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"the transformer splits hidden_dim (d_model) into num_heads equal heads: "
+                             f"hidden_dim={self.hidden_dim} is not divisible by num_heads={self.num_heads}")
+        if self.embed_dim != self.hidden_dim:
+            raise ValueError(f"the transformer ties its word embedding to its output layer, so embed_dim must equal "
+                             f"hidden_dim (d_model): got embed_dim={self.embed_dim}, hidden_dim={self.hidden_dim}")
+
 # %% ../nbs/07_transformer.ipynb #0c95ef2e
 def _drop_tied_output(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
     "`state_dict` hook: the output weight *is* the embedding, so save it once (safetensors refuses shared tensors)."
@@ -111,12 +143,15 @@ def _restore_tied_output(module: nn.Module, state_dict: dict, prefix: str, *args
         state_dict.setdefault(prefix + "output.weight", state_dict[prefix + "embedding.weight"])
 
 
+@register_decoder("transformer")
 class TransformerDecoder(CaptionDecoder):
     "Pre-LayerNorm Transformer blocks over the words, cross-attending to the regions; a KV cache in the state makes `step` incremental."
     per_image_state = ("cross_keys", "cross_values")  # computed once per image in `init_state`
+    config_class = TransformerConfig
 
-    def __init__(self, config: DecoderConfig):
-        if config.kind != "transformer": raise ValueError(f"TransformerDecoder needs kind='transformer', got {config.kind!r}")
+    def __init__(self, config: TransformerConfig):
+        if not isinstance(config, TransformerConfig):
+            raise ValueError(f"TransformerDecoder needs a TransformerConfig, got {type(config).__name__} of kind {config.kind!r}")
         super().__init__(config)
         c, d = config, config.hidden_dim
         nn.init.normal_(self.embedding.weight, std=d ** -0.5)  # unit-norm word vectors, read at scale sqrt(d) in `embed`
@@ -170,10 +205,7 @@ class TransformerDecoder(CaptionDecoder):
         logits = self.output(self.final_norm(x))  # (B, T, V)
         return DecoderOutput(logits, weights.mean(1) if return_attention else None)
 
-# %% ../nbs/07_transformer.ipynb #ad11cbda
-def transformer_config(vocab_size: int, feature_dim: int, **overrides) -> DecoderConfig:
-    "The recommended Transformer for Flickr8k-size data: d_model 512, 3 blocks, 8 heads, ff 2048, dropout 0.3; `overrides` change any field."
-    if "hidden_dim" in overrides and "embed_dim" not in overrides:
-        overrides["embed_dim"] = overrides["hidden_dim"]  # tied embedding: same width as d_model
-    defaults = dict(kind="transformer", embed_dim=512, hidden_dim=512, num_layers=3, num_heads=8, ff_dim=2048, dropout=0.3)
-    return DecoderConfig(vocab_size, feature_dim, **{**defaults, **overrides})
+    def prunable_units(self) -> PrunableUnits:
+        "The ff_dim hidden units of each block's feed-forward network: a row (and bias) of its first layer, a column of its second."
+        return PrunableUnits("ff_dim", [[(f"blocks.{i}.feed_forward.0", "weight", 0, 1), (f"blocks.{i}.feed_forward.0", "bias", 0, 1),
+                                         (f"blocks.{i}.feed_forward.2", "weight", 1, 1)] for i in range(len(self.blocks))])
