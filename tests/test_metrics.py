@@ -1,4 +1,6 @@
-"Caption metrics: BLEU, ROUGE-L and CIDEr-D equal pycocoevalcap's on the same tokens; METEOR never crashes."
+"""Caption metrics: BLEU, ROUGE-L and CIDEr-D equal pycocoevalcap's on the same tokens; METEOR never crashes.
+
+Only the tests that compare with pycocoevalcap or run METEOR need pycocoevalcap (and Java); the others run without it."""
 import contextlib
 import io
 import logging
@@ -15,11 +17,17 @@ from captioning.metrics import (METRIC_NAMES, CiderD, bleu, bleu_statistics, cap
                                 most_frequent_captions, ngram_counts, repeated_ngram_rate, rouge_l, rouge_l_scores,
                                 scores_by_length, vocabulary_used)
 
-coco_bleu = pytest.importorskip("pycocoevalcap.bleu.bleu")
-coco_rouge = pytest.importorskip("pycocoevalcap.rouge.rouge")
-coco_cider = pytest.importorskip("pycocoevalcap.cider.cider")
-
 TOLERANCE = 1e-6
+
+
+def coco_scorers():
+    "pycocoevalcap's Bleu, Rouge and Cider, or skip the calling test: only the parity tests need them."
+    reason = "pycocoevalcap is not installed: the parity tests compare with it"
+    return tuple(pytest.importorskip(f"pycocoevalcap.{m}.{m}", reason=reason) for m in ("bleu", "rouge", "cider"))
+
+
+requires_java = pytest.mark.skipif(shutil.which("java") is None,
+                                   reason="no `java` on the PATH: METEOR 1.5 is a Java program (.ci/run installs one)")
 
 # 20 images described the way Flickr8k annotators write, five references each
 REFERENCES = [
@@ -94,6 +102,7 @@ CANDIDATES = [
 
 def coco_scores(candidates, references):
     "pycocoevalcap's BLEU-1..4, ROUGE-L and CIDEr-D (corpus and per caption) on our tokens joined by spaces."
+    coco_bleu, coco_rouge, coco_cider = coco_scorers()
     joined = lambda caption: " ".join(caption_tokens(caption))
     gts = {i: [joined(r) for r in refs] for i, refs in enumerate(references)}
     res = {i: [joined(c)] for i, c in enumerate(candidates)}
@@ -228,11 +237,13 @@ def test_meteor_without_java_is_none_with_a_reason(monkeypatch, caplog):
     assert type(results["CIDEr-D"]) is float
 
 
-@pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs Java")
+@requires_java
 def test_meteor_with_java():
+    pytest.importorskip("pycocoevalcap.meteor.meteor", reason="pycocoevalcap (which ships METEOR 1.5) is not installed")
+    assert meteor_unavailable_reason() is None  # Java and pycocoevalcap are here: METEOR must run, not return None
     try:
         value = meteor_score(CANDIDATES, REFERENCES)
-        assert isinstance(value, float) and 0 < value < 1
+        assert isinstance(value, float) and 0 < value < 1, f"METEOR gave {value!r} although Java is installed"
         assert meteor_score([REFERENCES[0][1]], [REFERENCES[0]]) > 0.9
         assert meteor_score(["grass"], [REFERENCES[0]]) < meteor_score([CANDIDATES[0]], [REFERENCES[0]])
     finally:
@@ -254,7 +265,7 @@ def test_a_failing_meteor_process_is_reported_and_stopped(monkeypatch, caplog):
     import subprocess
     import threading
 
-    import pycocoevalcap.meteor.meteor as coco_meteor
+    coco_meteor = pytest.importorskip("pycocoevalcap.meteor.meteor", reason="pycocoevalcap is not installed")
 
     class BrokenMeteor:
         def __init__(self):
