@@ -25,7 +25,8 @@ from torch.nn.utils import prune
 from .data import ImagePreprocessing, image_transforms
 from .decoder import CaptionDecoder, DecoderConfig, ShowAttendTellDecoder, beam_search, build_decoder
 from .metrics import cider_d
-from .training import CaptionModel, CrossEntropyObjective, TrainConfig, caption_loss
+from .model import CaptionModel
+from .training import CrossEntropyObjective, TrainConfig, caption_loss
 from .vocabulary import PAD_ID, Vocabulary
 
 # %% auto #0

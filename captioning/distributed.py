@@ -6,17 +6,21 @@
 __all__ = ['TorchrunEnv', 'torchrun_env', 'device_for', 'is_distributed', 'init_distributed', 'destroy_distributed',
            'torchrun_session', 'rank', 'world_size', 'local_rank', 'is_main', 'barrier', 'broadcast_object',
            'all_gather_objects', 'sum_across_ranks', 'broadcast_tensors', 'rank_slice', 'ShardedBatches',
-           'rank_zero_first']
+           'rank_zero_first', 'TorchrunProcesses', 'processes_for_job']
 
 # %% ../nbs/05a_distributed.ipynb #319ebcca
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Sampler, Subset
+
+from .training import SingleProcess, rng_state, set_rng_state
 
 # %% ../nbs/05a_distributed.ipynb #77b5582f
 @dataclass(frozen=True)
@@ -178,3 +182,38 @@ def rank_zero_first(fn: Callable):
         if t == turn: result = fn()
         barrier()
     return result
+
+# %% ../nbs/05a_distributed.ipynb #dd35e80d
+class TorchrunProcesses(SingleProcess):
+    "The processes of a torchrun job as `fit` sees them: DDP, one shard of every batch, files written by rank 0."
+
+    def __init__(self):
+        if not is_distributed(): raise ValueError("TorchrunProcesses needs a process group: create it inside torchrun_session()")
+        self.rank, self.world_size, self.is_main = rank(), world_size(), is_main()
+
+    def wrap(self, step: nn.Module) -> nn.Module: return DistributedDataParallel(step)
+    def no_sync(self, wrapped: nn.Module, sync: bool): return nullcontext() if sync else wrapped.no_sync()
+    def shard(self, batches: Sampler) -> Sampler: return ShardedBatches(batches, self.rank, self.world_size)
+
+    def loss_share(self, objective, batch) -> float:
+        "`W * w_r / sum(w)`: scaling rank r's mean loss by it makes DDP's gradient mean one process's mean over the global batch."
+        if not hasattr(objective, "weight"): return 1.0  # the objective does not say: every rank's batch counts the same
+        mine = objective.weight(batch)
+        total, = sum_across_ranks(mine)
+        return self.world_size * mine / total if total > 0 else 1.0
+
+    def share(self, dataset): return Subset(dataset, range(len(dataset))[rank_slice(len(dataset), self.rank, self.world_size)])
+    def concat(self, items: list) -> list: return [x for part in all_gather_objects(items) for x in part]
+    def broadcast(self, obj): return broadcast_object(obj)
+    def sum(self, *values: float) -> list[float]: return sum_across_ranks(*values)
+    def barrier(self) -> None: barrier()
+    def broadcast_weights(self, module: nn.Module) -> None: broadcast_tensors(module.state_dict().values())
+    def rng_states(self) -> list: return all_gather_objects(rng_state())
+
+    def set_rng_states(self, states: list | None) -> None:
+        if states: set_rng_state(states[self.rank])
+
+
+def processes_for_job() -> SingleProcess:
+    "`TorchrunProcesses` inside a torchrun job of several processes, else `SingleProcess`."
+    return TorchrunProcesses() if world_size() > 1 else SingleProcess()

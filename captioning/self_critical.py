@@ -17,7 +17,9 @@ from torch import Tensor
 from .data import CaptionBatch, CaptionDataset
 from .decoder import greedy_decode, sample_decode
 from .metrics import Caption, CiderD, caption_tokens, repeated_ngram_rate
-from .training import CaptionModel, TrainConfig, config_from_dict
+from .model import CaptionModel
+from .recipes import DEFAULTS
+from .training import TrainConfig, config_from_dict
 from .vocabulary import END_ID, PAD_ID, START_ID, Vocabulary, tokenize
 
 # %% ../nbs/08_self_critical.ipynb #6ad5952b
@@ -30,10 +32,6 @@ class CiderReward:
         self.cider = CiderD(references, document_frequency_source=document_frequency_source)
         self.word_tokens = [tokenize(word) for word in vocab.itos]  # what `tokenize(decode(ids))` makes of each id
         self.word_tokens[PAD_ID] = self.word_tokens[START_ID] = []  # `decode` drops them
-        # a reference caption scored against its own image: it always shares n-grams with a reference
-        self._sentinel = next(((tokens, i) for i, refs in enumerate(references)
-                               for tokens in map(caption_tokens, refs) if tokens), None)
-        if self._sentinel is None: raise ValueError("no reference caption has a single word")
 
     @classmethod
     def from_dataset(cls, dataset: CaptionDataset) -> "CiderReward":
@@ -52,13 +50,11 @@ class CiderReward:
         return [[t for i in (row[:row.index(END_ID)] if END_ID in row else row) for t in words[i]] for row in rows]
 
     def score(self, captions: Sequence[Caption], image_indices: Sequence[int]) -> np.ndarray:
-        "CIDEr-D (C,) of caption k (text or tokens) against image `image_indices[k]`: `CiderD.score`, safe for any batch."
+        "CIDEr-D (C,) of caption k (text or tokens) against image `image_indices[k]`."
         image_indices = np.asarray(image_indices, dtype=np.int64).tolist()
         if len(image_indices) != len(captions):
             raise ValueError(f"{len(captions)} captions but {len(image_indices)} image indices")
-        if len(captions) == 0: return np.zeros(0)
-        sentinel_tokens, sentinel_image = self._sentinel
-        return self.cider.score([*captions, sentinel_tokens], [*image_indices, sentinel_image])[:-1]
+        return self.cider.score(captions, image_indices)
 
     def __call__(self, ids, image_indices: Sequence[int]) -> np.ndarray:
         "CIDEr-D (C,) of each caption `ids[k]` (token ids, `<end>` and padding allowed) against image `image_indices[k]`."
@@ -82,13 +78,16 @@ def policy_gradient_loss(log_probs: Tensor, advantages: Tensor) -> Tensor:
     return -(advantages.detach().float() * log_probs.float().sum(1)).mean()
 
 # %% ../nbs/08_self_critical.ipynb #2888070a
+_S = DEFAULTS["self_critical"]  # default values, with the reason for each: captioning.recipes (notebook 11)
+
+
 @dataclass
 class SelfCriticalConfig:
     "How self-critical training samples and scores captions: plain data, validated."
-    num_samples: int = 5  # S captions sampled per image: more gives a better mean baseline, costs linearly
-    baseline: str = "mean"  # 'mean' (of the other samples, Luo 2020) or 'greedy' (reward of the greedy caption, Rennie 2017)
-    max_len: int = 16  # longest sampled caption in words, `<end>` included (Rennie et al. used 16)
-    temperature: float = 1.0  # 1 samples the policy itself; other values sample a sharper/flatter one, but the gradient uses the model's own log-probs
+    num_samples: int = _S["num_samples"]  # S captions sampled per image: more gives a better mean baseline, costs linearly
+    baseline: str = _S["baseline"]  # 'mean' (of the other samples, Luo 2020) or 'greedy' (reward of the greedy caption, Rennie 2017)
+    max_len: int = _S["max_len"]  # longest sampled caption in words, `<end>` included
+    temperature: float = _S["temperature"]  # 1 samples the policy itself; the gradient uses the model's own log-probs either way
     dropout: bool = False  # keep dropout (train mode) while sampling; off: sample the policy greedy decoding uses
 
     def __post_init__(self):
@@ -183,9 +182,8 @@ class SelfCriticalObjective:
                 "sample_length": t["length"] / t["n"], "sample_repeated_bigrams": t["repeats"] / t["n"]}
 
 # %% ../nbs/08_self_critical.ipynb #4b130eb9
-def self_critical_config(base: TrainConfig, lr: float = 5e-5, epochs: int = 10, batch_size: int = 16,
-                         patience: int = 3, **changes) -> TrainConfig:
-    "The `TrainConfig` for SCST after cross-entropy training with `base`: a small constant lr, batches of images, no CE-only terms."
-    return replace(base, lr=lr, encoder_lr=base.encoder_lr * lr / base.lr, epochs=epochs, batch_size=batch_size,
-                   patience=patience, schedule="constant", warmup_steps=0, label_smoothing=0.0,
-                   attention_penalty=0.0, curriculum_epochs=0, bucket_by_length=False, **changes)
+def self_critical_config(base: TrainConfig, **changes) -> TrainConfig:
+    "The `TrainConfig` of an SCST stage after cross-entropy training with `base`: a constant lr, batches of images, no CE-only terms."
+    settings = {**DEFAULTS["self_critical_train"], **changes}  # lr, batch_size, epochs, patience, and anything given
+    return replace(base, encoder_lr=base.encoder_lr * settings["lr"] / base.lr, schedule="constant", warmup_steps=0,
+                   label_smoothing=0.0, attention_penalty=0.0, curriculum_epochs=0, bucket_by_length=False, **settings)

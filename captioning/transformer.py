@@ -150,7 +150,7 @@ class TransformerDecoder(CaptionDecoder):
     config_class = TransformerConfig
 
     def __init__(self, config: TransformerConfig):
-        if not isinstance(config, TransformerConfig):
+        if config.kind != "transformer" or not hasattr(config, "num_heads"):
             raise ValueError(f"TransformerDecoder needs a TransformerConfig, got {type(config).__name__} of kind {config.kind!r}")
         super().__init__(config)
         c, d = config, config.hidden_dim

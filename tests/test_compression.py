@@ -87,7 +87,7 @@ def test_magnitude_pruning_reaches_the_sparsity_and_keeps_it_through_fit_and_rem
     assert weight_sparsity(model.decoder) == pytest.approx(0.6, abs=0.01)
     before = copy.deepcopy(model.decoder.state_dict())
     fit(model, vocab, train, dev, TrainConfig(epochs=1, batch_size=16, warmup_steps=1, precision="fp32"), tmp_path,
-        progress=False)
+        verbose=False)
     changed = [k for k in before if k.endswith("_orig") and not torch.equal(before[k], model.decoder.state_dict()[k])]
     assert changed, "fine-tuning should change the surviving weights"
     assert weight_sparsity(model.decoder) >= 0.6 - 0.01, "the masks keep pruned weights at zero while training"
@@ -166,7 +166,7 @@ def test_distillation_trains_a_student_with_fit(tmp_path):
         vocab_size=len(vocab), feature_dim=D, kind="attention", embed_dim=8, hidden_dim=16, attention_dim=8)))
     history = fit(student, vocab, train, dev, TrainConfig(epochs=2, batch_size=16, warmup_steps=1, patience=5,
                                                           precision="fp32"),
-                  tmp_path, progress=False, objective=DistillationObjective(teacher, alpha=0.5))
+                  tmp_path, verbose=False, objective=DistillationObjective(teacher, alpha=0.5))
     assert {"distill_ce", "distill_kl"} <= set(history[-1]) and history[-1]["distill_kl"] > 0
     wrong = CaptionModel(teacher.encoder, build_decoder(DecoderConfig(vocab_size=len(vocab) + 1, feature_dim=D)))
     with pytest.raises(ValueError, match="vocabulary"):

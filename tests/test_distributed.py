@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent('''
         out.mkdir(parents=True, exist_ok=True)
         model, vocab, train_set, dev_set = setup()
         last = {}
-        fit(model, vocab, train_set, dev_set, config(batch_size, precision), out / f"run{rank()}", progress=False,
+        fit(model, vocab, train_set, dev_set, config(batch_size, precision), out / f"run{rank()}", verbose=False,
             callbacks=[lambda history: last.update({k: v.clone() for k, v in model.state_dict().items()})])
         torch.save(last, out / f"weights{rank()}.pt")
 
@@ -64,15 +64,15 @@ SCRIPT = textwrap.dedent('''
     def crash_and_resume(out, batch_size):
         "With dropout: one uninterrupted run, and one killed after epoch 1 then resumed with fresh weights."
         model, vocab, train_set, dev_set = setup(dropout=0.3)
-        fit(model, vocab, train_set, dev_set, config(batch_size), out / "straight", progress=False)
+        fit(model, vocab, train_set, dev_set, config(batch_size), out / "straight", verbose=False)
         model, vocab, train_set, dev_set = setup(dropout=0.3)
         def crash(history):
             if len(history) == 1: raise Crash()  # on every rank, after the checkpoint of epoch 1
-        try: fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", progress=False, callbacks=[crash])
+        try: fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", verbose=False, callbacks=[crash])
         except Crash: pass
         torch.manual_seed(99 + rank())
         model, vocab, train_set, dev_set = setup(dropout=0.3)
-        fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", progress=False)
+        fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", verbose=False)
 
 
     if __name__ == "__main__":
@@ -151,7 +151,7 @@ def test_a_checkpoint_from_two_processes_is_refused_by_one(runs, tmp_path):
     tmp, script = runs
     model, vocab, train_set, dev_set = script.setup(dropout=0.3)
     with pytest.raises(CheckpointError, match="written by 2 processes"):
-        script.fit(model, vocab, train_set, dev_set, script.config(8), tmp / "ddp" / "resume" / "straight", progress=False)
+        script.fit(model, vocab, train_set, dev_set, script.config(8), tmp / "ddp" / "resume" / "straight", verbose=False)
 
 
 def test_train_command_under_torchrun(tmp_path):
