@@ -30,7 +30,8 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["captioning", "captioning.*"]),
     include_package_data=True,
     install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split()},
+    extras_require={**{name: cfg[f"{name}_requirements"].split() for name in ("notebooks", "onnx", "metrics", "timm")},
+                    "dev": cfg["notebooks_requirements"].split() + cfg["dev_requirements"].split()},
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

@@ -9,7 +9,7 @@ import pytest
 from captioning.data import ImageDataset, load_flickr8k
 from captioning.decoder import decoding_name
 from captioning.encoder import extract_features
-from captioning.training import evaluate_model, load_exported
+from captioning.model import CaptionModel, evaluate_model
 
 
 def load_bench():
@@ -23,8 +23,8 @@ def load_bench():
 @pytest.mark.usefixtures("one_thread")
 def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     bench = load_bench()
-    args = Namespace(root=flickr8k_root, output=tmp_path / "bench", encoder="efficientnet_lite0", cache_dir=None,
-                     image_size=96, crop=False, mirror=True, models="attention", epochs=1, minutes=None, patience=6, scst_epochs=1, scst_minutes=None,
+    args = Namespace(root=flickr8k_root, output=tmp_path / "bench", cache_dir=None, image_size=96,
+                     recipes="flickr8k-attention", epochs=1, minutes=None, patience=None, scst_epochs=1, scst_minutes=None,
                      train_images=40, dev_images=8, skip_seed=True, restart=True)
     results = bench.run(args)
     bench.print_table(results)
@@ -42,18 +42,18 @@ def test_flickr8k_bench_runs_every_stage(flickr8k_root, tmp_path, capsys):
     assert stages[1]["recipe_minutes"] > stages[0]["recipe_minutes"] > results["feature_minutes"]
     items = load_flickr8k(flickr8k_root, splits=["dev"])["dev"][:8]  # the bench's dev images, read as `captioning evaluate` reads them
     for row in stages:  # the export records the reported decoding, and decoding it again gives the reported figures
-        folder = tmp_path / "bench" / "attention" / row["stage"] / "export"
+        folder = tmp_path / "bench" / "flickr8k-attention" / row["stage"] / "export"
         config = json.loads((folder / "config.json").read_text())
         assert decoding_name(**config["generation"]) == row["decoding"]
         assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
-        model, vocab, _ = load_exported(folder)
+        model = CaptionModel.from_pretrained(folder)
         dev_set = ImageDataset(items, features=extract_features(model.encoder, items, tmp_path / "bench" / "feature_cache"))
-        metrics, _ = evaluate_model(model, vocab, dev_set, meteor=False, **config["generation"])
+        metrics, _ = evaluate_model(model, model.vocab, dev_set, meteor=False, **config["generation"])
         assert metrics["CIDEr-D"] == pytest.approx(row["CIDEr-D"], abs=1e-9)
     caches = sorted(p.name.split("-")[2:-1] for p in (tmp_path / "bench" / "feature_cache").iterdir())
     assert caches == [["40img"], ["40img", "mirrored"], ["8img"]]  # the training images twice: plain and mirrored
     assert (tmp_path / "bench" / "export" / "model.safetensors").exists()
-    assert f"| attention | self-critical | {stages[1]['decoding']} |" in table
+    assert f"| flickr8k-attention | self-critical | {stages[1]['decoding']} |" in table
     assert bench.self_critical_gains(results)[0] in table
 
 
@@ -62,27 +62,25 @@ def test_self_critical_gains_compare_the_same_decoding_and_the_reported_ones():
     def row(stage, decoding, greedy, beam, rates):
         by = {"greedy": {"CIDEr-D": greedy, "repeated_bigram_rate": rates[0]},
               "beam 3": {"CIDEr-D": beam, "repeated_bigram_rate": rates[1]}}
-        return {"model": "transformer", "stage": stage, "decoding": decoding, **by[decoding], "by_decoding": by}
+        return {"recipe": "flickr8k-transformer", "stage": stage, "decoding": decoding, **by[decoding], "by_decoding": by}
     results = {"stages": [row("cross-entropy", "beam 3", 0.40, 0.50, (0.10, 0.05)),
                           row("self-critical", "greedy", 0.48, 0.45, (0.08, 0.02))]}
     [line] = bench.self_critical_gains(results)
-    assert line == ("transformer, self-critical against cross-entropy, dev CIDEr-D: "
+    assert line == ("flickr8k-transformer, self-critical against cross-entropy, dev CIDEr-D: "
                     "greedy 0.400 -> 0.480 (+20.0 %), repeated bigrams 0.100 -> 0.080; "
                     "beam 3 0.500 -> 0.450 (-10.0 %), repeated bigrams 0.050 -> 0.020; "
                     "reported (beam 3 -> greedy) 0.500 -> 0.480 (-4.0 %)")
     assert bench.self_critical_gains({"stages": results["stages"][:1]}) == []  # no self-critical stage, no line
 
 
-def test_stage_settings_follow_the_recipe_unless_a_flag_overrides_them():
+def test_budgets_from_the_command_line_change_only_the_budgets():
     bench = load_bench()
-    recipe = bench.RECIPES["attention"]["self-critical"]
-    assert bench.stage_settings("attention", "self-critical", None, None) == recipe
-    assert bench.stage_settings("attention", "self-critical", 0, 3.0) == {**recipe, "epochs": 0, "max_minutes": 3.0}
-    assert bench.RECIPES["attention"]["self-critical"] == recipe  # the recipe itself is not changed
-
-
-def test_every_self_critical_recipe_samples_with_a_valid_config():
-    from captioning.self_critical import SelfCriticalConfig
-    bench = load_bench()
-    configs = {kind: SelfCriticalConfig(**stages["self-critical"].get("sampling", {})) for kind, stages in bench.RECIPES.items()}
-    assert configs["transformer"].temperature < 1.0 == configs["attention"].temperature  # the label-smoothed model samples sharper
+    from captioning.recipes import recipe
+    quick = Namespace(epochs=2, minutes=3.0, scst_epochs=None, scst_minutes=1.5)
+    settings = bench.with_budgets(recipe("flickr8k-attention"), quick)
+    expected = recipe("flickr8k-attention")
+    expected["cross_entropy"].update(epochs=2, max_minutes=3.0)
+    expected["self_critical"]["train"]["max_minutes"] = 1.5
+    assert settings == expected
+    off = bench.with_budgets(recipe("flickr8k-attention"), Namespace(epochs=None, minutes=None, scst_epochs=0, scst_minutes=None))
+    assert off["self_critical"] is None and off["cross_entropy"] == recipe("flickr8k-attention")["cross_entropy"]
