@@ -27,6 +27,7 @@ checkpoints unless --restart. Results and their history: bench/RESULTS.md.
 """
 import argparse
 import json
+from contextlib import nullcontext
 import shutil
 import time
 from pathlib import Path
@@ -34,10 +35,11 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from captioning.cli import stage_configs
+from captioning.cli import recipe_datasets, stage_configs
 from captioning.data import CaptionDataset, ImageDataset, collate_captions, find_flickr8k, image_transforms, load_flickr8k
 from captioning.decoder import DecoderConfig, build_decoder, decoding_name
-from captioning.encoder import RandomView, build_encoder, extract_features
+from captioning.encoder import build_encoder, extract_features
+from captioning.fine_tuning import encoder_swapped
 from captioning.metrics import METRIC_NAMES, evaluate_captions, meteor_score, repeated_ngram_rate
 from captioning.model import CaptionModel, generate_captions
 from captioning.recipes import recipe
@@ -130,7 +132,7 @@ def run(args) -> dict:
     root = args.root or find_flickr8k()
     if root is None: raise SystemExit("Flickr8k not found: pass --root or set CAPTIONING_FLICKR8K")
     out = args.output
-    results = {"stages": []}
+    results = {"stages": [], "feature_minutes": {}}
     start = time.perf_counter()
     names = args.recipes.split(",")
     recipes = {name: with_budgets(recipe(name), args) for name in names}
@@ -140,22 +142,20 @@ def run(args) -> dict:
     if args.train_images: corpus["train"] = corpus["train"][:args.train_images]  # for a quick smoke test
     if args.dev_images: corpus["dev"] = corpus["dev"][:args.dev_images]
     vocab = Vocabulary.build([c for item in corpus["train"] for c in item.captions], min_freq=data["min_freq"])
-    encoder = build_encoder(data["encoder"], pretrained=True, image_size=args.image_size or data["image_size"], squash=data["squash"])
     cache = args.cache_dir or out / "feature_cache"
-    train_features = extract_features(encoder, corpus["train"], cache)
-    if data["mirror"]: train_features = RandomView(train_features, extract_features(encoder, corpus["train"], cache, mirror=True))
-    dev_features = extract_features(encoder, corpus["dev"], cache)
-    train_set = CaptionDataset(corpus["train"], vocab, features=train_features)
-    dev_set = ImageDataset(corpus["dev"], features=dev_features)
-    results["feature_minutes"] = (time.perf_counter() - start) / 60
-    print(f"features: {results['feature_minutes']:.1f} min ({data['encoder']}); {vocab}", flush=True)
-
+    image_size = args.image_size or data["image_size"]
     for name, settings in recipes.items():
         settings["data"].setdefault("seed", 0)
+        start_features = time.perf_counter()
+        encoder = build_encoder(data["encoder"], pretrained=True, image_size=image_size, squash=data["squash"])
+        train_set, dev_set, top = recipe_datasets(settings, encoder, vocab, corpus["train"], corpus["dev"], cache)
+        feature_minutes = (time.perf_counter() - start_features) / 60
+        results.setdefault("feature_minutes", {})[name] = feature_minutes
+        print(f"{name}: features {feature_minutes:.1f} min ({'activations below the last ' + str(settings['fine_tune']['blocks']) + ' blocks' if top else 'final features'}); {vocab}", flush=True)
         decoder_config, stages = stage_configs(settings, len(vocab), encoder.feature_dim)
         torch.manual_seed(0)  # the decoder's initial weights: a rerun starts from the same model
         model = CaptionModel(encoder, build_decoder(decoder_config), vocab)
-        recipe_minutes = results["feature_minutes"]
+        recipe_minutes = feature_minutes
         for stage, config, sampling in stages:
             stage_start = time.perf_counter()
             run_dir = out / name / stage
@@ -164,9 +164,12 @@ def run(args) -> dict:
             if sampling is not None:
                 from captioning.self_critical import SelfCriticalObjective
                 objective = SelfCriticalObjective(config=sampling)
-            history = fit(model, vocab, train_set, dev_set, replace_patience(config, args), run_dir, objective=objective,
-                          score_start=objective is not None, progress=False)
-            metrics, decoding = measure(model, vocab, dev_set, history)
+            with encoder_swapped(model, top) if top is not None else nullcontext():
+                history = fit(model, vocab, train_set, dev_set, replace_patience(config, args), run_dir, objective=objective,
+                              score_start=objective is not None, progress=False)
+            # measured as `captioning evaluate` measures an export: the (fine-tuned) encoder's own features of the dev photos
+            dev_photos = ImageDataset(corpus["dev"], features=extract_features(encoder, corpus["dev"], cache, verbose=False))
+            metrics, decoding = measure(model, vocab, dev_photos, history)
             row = {"recipe": name, "stage": stage, **metrics}
             if objective is not None: row["train_captions_per_s"] *= objective.config.num_samples  # sampled captions, not images
             row["minutes"] = (time.perf_counter() - stage_start) / 60
@@ -212,7 +215,8 @@ def print_table(results: dict) -> None:
                  f"{row[c]:.3f}" if isinstance(row[c], float) and row[c] < 10 else
                  f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns]
         print(f"| {row['recipe']} | {row['stage']} | " + " | ".join(cells) + " |")
-    print(f"features: {results['feature_minutes']:.1f} min; best: {results['best']}; total {results['total_minutes']:.1f} min")
+    features = ", ".join(f"{name} {minutes:.1f}" for name, minutes in results["feature_minutes"].items())
+    print(f"features (min): {features}; best: {results['best']}; total {results['total_minutes']:.1f} min")
     for line in self_critical_gains(results): print(line)
     if "speedup" in results:
         print(f"training throughput: tutorial recipe {results['tutorial_captions_per_s']:.1f} captions/s; "

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['DEFAULT_RECIPE', 'RUNS', 'corpus_from_args', 'recipe_name', 'settings_from_args', 'stage_configs', 'check_settings',
-           'prepare_run_folder', 'train_command', 'evaluate_command', 'caption_command', 'data_command', 'build_parser',
-           'main']
+           'recipe_datasets', 'prepare_run_folder', 'train_command', 'evaluate_command', 'caption_command',
+           'data_command', 'build_parser', 'main']
 
 # %% ../nbs/10_cli.ipynb #b3f9ec6e
 import argparse
@@ -141,7 +141,8 @@ def settings_from_args(args) -> dict:
         else: settings[part][key] = str(value) if isinstance(value, Path) else value
     if settings["self_critical"] is not None and settings["self_critical"]["train"].get("epochs", 1) == 0:
         settings["self_critical"] = None  # --self-critical-epochs 0 turns the stage off
-    settings["fine_tune"] = {"blocks": args.fine_tune_blocks, "epochs": args.fine_tune_epochs} if args.fine_tune_blocks else None
+    if args.fine_tune_blocks is not None:  # 0 turns fine-tuning off
+        settings["fine_tune"] = {"blocks": args.fine_tune_blocks} if args.fine_tune_blocks else None
     return settings
 
 # %% ../nbs/10_cli.ipynb #f324df97
@@ -170,9 +171,27 @@ def check_settings(settings: dict) -> None:
     if data["encoder"] not in ENCODERS or data["encoder"] == "tiny":
         raise ValueError(f"--encoder: unknown encoder {data['encoder']!r}")
     encoder = build_encoder(data["encoder"], pretrained=False, image_size=data["image_size"], squash=data["squash"])
-    if settings["fine_tune"] and settings["fine_tune"]["blocks"] > len(encoder.blocks):
-        raise ValueError(f"--fine-tune-blocks {settings['fine_tune']['blocks']}: {data['encoder']} has {len(encoder.blocks)} blocks")
+    if settings["fine_tune"] and not 0 < settings["fine_tune"]["blocks"] < len(encoder.blocks):
+        raise ValueError(f"--fine-tune-blocks {settings['fine_tune']['blocks']}: {data['encoder']} has {len(encoder.blocks)} blocks "
+                         f"(fine-tune 1 to {len(encoder.blocks) - 1})")
     check_generation({k: v for k, v in settings["generation"].items()})
+
+
+def recipe_datasets(settings: dict, encoder, vocab: Vocabulary, train_items: list, dev_items: list, cache_dir,
+                    verbose: bool = True, first=lambda fn: fn()):
+    """`(train CaptionDataset, dev ImageDataset, encoder top or None)` for a recipe: cached final features of the frozen
+    encoder, or — with `fine_tune` — cached activations below its last blocks, which then train (notebook 05b).
+    `first(fn)` runs an extraction (under torchrun: rank 0 first, then the others read its cache)."""
+    data = settings["data"]
+    if settings["fine_tune"]:
+        from captioning.fine_tuning import cut_point_data
+        top, train_set, dev_set = first(lambda: cut_point_data(encoder, settings["fine_tune"]["blocks"], train_items, dev_items,
+                                                               vocab, cache_dir, mirror=data["mirror"], verbose=verbose))
+        return train_set, dev_set, top
+    extract = lambda items, mirror=False: first(lambda: extract_features(encoder, items, cache_dir, verbose=verbose, mirror=mirror))
+    train_features = extract(train_items)
+    if data["mirror"]: train_features = RandomView(train_features, extract(train_items, mirror=True))
+    return CaptionDataset(train_items, vocab, features=train_features), ImageDataset(dev_items, features=extract(dev_items)), None
 
 # %% ../nbs/10_cli.ipynb #ab785307
 _RUN_FILES = ("checkpoint.pt", "best.pt", "history.json", "run.json", "export", "self-critical", "fine-tune")
@@ -180,7 +199,7 @@ _RUN_FILES = ("checkpoint.pt", "best.pt", "history.json", "run.json", "export", 
 
 def _changed_flags(saved: dict, now: dict) -> list[str]:
     "The settings that differ between two runs, as `--flag old -> new` (or the setting's name)."
-    names = {(part, key): flag for flag, (part, key) in _FLAGS.items()}
+    names = {(part, key): flag for flag, (part, key) in _FLAGS.items()} | {("fine_tune", "blocks"): "--fine-tune-blocks"}
     changes = []
     for part in ("data", "decoder", "cross_entropy", "self_critical", "fine_tune", "generation"):
         old, new = saved.get(part) or {}, now.get(part) or {}
@@ -238,26 +257,27 @@ def _train(args, settings: dict, output: Path, processes, device: torch.device) 
         print(f"recipe {settings['recipe']}: {data['dataset']}, {len(train_items):,} training / {len(dev_items):,} dev images; "
               f"{vocab}; encoder {data['encoder']} on {device}" + (f" x {processes.world_size} processes" if processes.world_size > 1 else ""))
 
-    def extract(items, mirror=False):  # rank 0 fills the feature cache; the other processes wait, then read it
-        return rank_zero_first(lambda: extract_features(encoder, items, args.cache_dir, verbose=main, mirror=mirror))
-    train_features = extract(train_items)
-    if data["mirror"]: train_features = RandomView(train_features, extract(train_items, mirror=True))
-    train_set = CaptionDataset(train_items, vocab, features=train_features)
-    dev_set = ImageDataset(dev_items, features=extract(dev_items))
+    train_set, dev_set, top = recipe_datasets(settings, encoder, vocab, train_items, dev_items, args.cache_dir, verbose=main,
+                                              first=rank_zero_first)
     decoder_config, stages = stage_configs(settings, len(vocab), encoder.feature_dim)
     torch.manual_seed(data["seed"])  # the decoder's initial weights: the same command trains the same model
     from captioning.decoder import build_decoder
     model = CaptionModel(encoder, build_decoder(decoder_config), vocab).to(device)
     progress = sys.stderr.isatty()  # progress bars on a terminal only; the epoch lines always
-    for stage, config, sampling in stages:
-        objective = None
-        if sampling is not None:
-            from captioning.self_critical import SelfCriticalObjective
-            objective = SelfCriticalObjective(config=sampling)
-        if main: print(f"stage: {stage}")
-        fit(model, vocab, train_set, dev_set, config, output if stage == "cross-entropy" else output / stage,
-            progress=progress, objective=objective, score_start=objective is not None, processes=processes)
+    from captioning.fine_tuning import encoder_swapped
+    with encoder_swapped(model, top) if top is not None else nullcontext():  # fine-tuning: the encoder's top reads the cache
+        for stage, config, sampling in stages:
+            objective = None
+            if sampling is not None:
+                from captioning.self_critical import SelfCriticalObjective
+                objective = SelfCriticalObjective(config=sampling)
+            if main: print(f"stage: {stage}" + (f", the encoder's last {settings['fine_tune']['blocks']} blocks too" if top else ""))
+            fit(model, vocab, train_set, dev_set, config, output if stage == "cross-entropy" else output / stage,
+                progress=progress, objective=objective, score_start=objective is not None, processes=processes)
     if not main: return 0  # rank 0 evaluates, prints and exports
+    if top is not None:  # evaluate as `captioning evaluate` will: the fine-tuned encoder's own features of the dev photos
+        model.encoder.freeze()
+        dev_set = ImageDataset(dev_items, features=extract_features(model.encoder, dev_items, args.cache_dir, verbose=False))
     generation = check_generation(settings["generation"])
     metrics, captions = evaluate_model(model, vocab, dev_set, meteor=not args.no_meteor, **generation)
     model.generation, model.metrics = generation, {f"dev_{k}": v for k, v in metrics.items()}
@@ -379,8 +399,8 @@ def _train_parser(commands):
     train.add_argument("--warmup-steps", type=_integer(0), default=None)
     train.add_argument("--label-smoothing", type=_number(0, 1, low_inclusive=True), default=None)
     train.add_argument("--patience", type=_integer(1), default=None, help="epochs without a better dev CIDEr-D before stopping")
-    train.add_argument("--fine-tune-blocks", type=_integer(0), default=0, help="also fine-tune the encoder's last K blocks")
-    train.add_argument("--fine-tune-epochs", type=_integer(1), default=2)
+    train.add_argument("--fine-tune-blocks", type=_integer(0), default=None,
+                       help="also train the encoder's last K blocks, from a cache of the activations below them (notebook 05b); 0: frozen")
     train.add_argument("--self-critical-epochs", type=_integer(0), default=None,
                        help="self-critical training with a CIDEr-D reward (notebook 08); 0 turns it off")
     train.add_argument("--self-critical-lr", type=_number(), default=None)

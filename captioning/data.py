@@ -328,6 +328,16 @@ class CaptionDataset(Dataset):
         image_index, caption = self.pairs[index]
         return _model_input(self, image_index), caption, image_index
 
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        "The samples of a batch (the DataLoader asks for them together), each image's input loaded once for all its captions."
+        inputs = {}
+        samples = []
+        for index in indices:
+            image_index, caption = self.pairs[index]
+            if image_index not in inputs: inputs[image_index] = _model_input(self, image_index)
+            samples.append((inputs[image_index], caption, image_index))
+        return samples
+
 
 class ImageDataset(Dataset):
     "Evaluation view: one item `(input, image index)` per image; references are `images[i].captions`."
@@ -398,11 +408,12 @@ def _stack(inputs: list):
 
 @dataclass
 class CaptionBatch:
-    "A training batch: image `inputs`, padded `captions` (B, T), their `lengths` (B,) and `image_indices` (B,)."
+    "A training batch: `inputs` of its distinct images, padded `captions` (B, T), `lengths` (B,), `image_indices` (B,), and `input_rows` (B,): each caption's row of `inputs`."
     inputs: torch.Tensor | tuple
     captions: torch.Tensor
     lengths: torch.Tensor
     image_indices: torch.Tensor
+    input_rows: torch.Tensor | None = None  # None: one row of inputs per caption
 
     @property
     def decoder_inputs(self) -> torch.Tensor:
@@ -418,15 +429,19 @@ class CaptionBatch:
         "The batch on `device`."
         move = lambda x: tuple(move(t) for t in x) if isinstance(x, tuple) else x.to(device, non_blocking=True)
         return CaptionBatch(move(self.inputs), self.captions.to(device), self.lengths.to(device),
-                            self.image_indices.to(device))
+                            self.image_indices.to(device), None if self.input_rows is None else self.input_rows.to(device))
 
 
 def collate_captions(samples: list, pad_id: int = PAD_ID) -> CaptionBatch:
-    "Collate `CaptionDataset` samples: stack inputs, right-pad captions with `pad_id`."
+    "Collate `CaptionDataset` samples: stack each distinct image's input once, right-pad captions with `pad_id`."
     inputs, captions, image_indices = zip(*samples)
+    rows, first = {}, []  # image -> its row in the stacked inputs; the sample that supplies it
+    for k, image in enumerate(image_indices):
+        if image not in rows: rows[image] = len(first); first.append(k)
     lengths = torch.tensor([len(c) for c in captions], dtype=torch.long)
     padded = pad_sequence(list(captions), batch_first=True, padding_value=pad_id)  # (B, T)
-    return CaptionBatch(_stack(list(inputs)), padded, lengths, torch.tensor(image_indices, dtype=torch.long))
+    return CaptionBatch(_stack([inputs[k] for k in first]), padded, lengths, torch.tensor(image_indices, dtype=torch.long),
+                        torch.tensor([rows[image] for image in image_indices], dtype=torch.long))  # (B,)
 
 
 def collate_images(samples: list) -> tuple:

@@ -129,10 +129,15 @@ class CaptionDecoder(nn.Module):
         "Read `tokens` (B,): logits (B, V) for the next token, the new state, and attention (B, N) or None."
         raise NotImplementedError
 
-    def forward(self, global_features: Tensor | None, region_features: Tensor | None,
-                captions_in: Tensor) -> DecoderOutput:
-        "Teacher forcing: read `captions_in` (B, T) = captions[:, :-1] and score each next token (B, T, V)."
+    def teacher_state(self, global_features: Tensor | None, region_features: Tensor | None, rows: Tensor | None) -> State:
+        "The state before `<start>` for each caption: computed once per image, then `rows` (B,) picks each caption's image."
         state = self.init_state(global_features, region_features)
+        return state if rows is None else reorder_state(state, rows)
+
+    def forward(self, global_features: Tensor | None, region_features: Tensor | None,
+                captions_in: Tensor, rows: Tensor | None = None) -> DecoderOutput:
+        "Teacher forcing: read `captions_in` (B, T) = captions[:, :-1] and score each next token (B, T, V); caption b shows image rows[b]."
+        state = self.teacher_state(global_features, region_features, rows)
         logits, attention = [], []
         for t in range(captions_in.shape[1]):
             step_logits, state, alpha = self.step(captions_in[:, t], state)  # (B, V), state, (B, N) or None
@@ -207,9 +212,10 @@ class ShowAndTellDecoder(CaptionDecoder):
         logits, state = self._run(tokens.unsqueeze(1), state)  # (B, 1, V)
         return logits.squeeze(1), state, None
 
-    def forward(self, global_features: Tensor, region_features: Tensor | None, captions_in: Tensor) -> DecoderOutput:
+    def forward(self, global_features: Tensor, region_features: Tensor | None, captions_in: Tensor,
+                rows: Tensor | None = None) -> DecoderOutput:
         "Teacher forcing with one RNN call over the whole sequence: logits (B, T, V)."
-        logits, _ = self._run(captions_in, self.init_state(global_features, region_features))
+        logits, _ = self._run(captions_in, self.teacher_state(global_features, region_features, rows))
         return DecoderOutput(logits, None)
 
     def prunable_units(self) -> PrunableUnits:
@@ -280,6 +286,28 @@ class ShowAttendTellDecoder(CaptionDecoder):
             context = torch.sigmoid(self.gate(h)) * context  # beta (B, 1)
         h, c = self.cell(torch.cat([self.embedding(tokens), context], -1), (h, c))  # (B, H)
         return self.output(self.dropout(h)), {**state, "h": h, "c": c}, alpha
+
+    def forward(self, global_features: Tensor | None, region_features: Tensor, captions_in: Tensor,
+                rows: Tensor | None = None) -> DecoderOutput:
+        "Teacher forcing with `step`'s arithmetic, the parts that do not depend on the previous step done once for all T positions."
+        state = self.teacher_state(global_features, region_features, rows)
+        E, cell = self.config.embed_dim, self.cell
+        # the LSTM's input is [word, context]: the word's share of W_ih for every position in one product
+        words = F.linear(self.embedding(captions_in), cell.weight_ih[:, :E], cell.bias_ih + cell.bias_hh)  # (B, T, 4H)
+        recurrent = torch.cat([cell.weight_ih[:, E:], cell.weight_hh], 1)  # (4H, D + H): context and h in one product per step
+        h, c = state["h"], state["c"]
+        hidden, attention = [], []
+        for t in range(captions_in.shape[1]):
+            context, alpha = self.attention(state["keys"], state["regions"], h)  # (B, D), (B, N)
+            if self.gate is not None:
+                context = torch.sigmoid(self.gate(h)) * context  # beta (B, 1)
+            gates = torch.addmm(words[:, t], torch.cat([context, h.to(context.dtype)], 1), recurrent.t()).float()  # (B, 4H)
+            i, f, g, o = gates.chunk(4, 1)  # nn.LSTMCell's order; the cell state stays in float32 under autocast
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
+            hidden.append(h); attention.append(alpha)
+        logits = self.output(self.dropout(torch.stack(hidden, 1)))  # (B, T, V): one product for all positions
+        return DecoderOutput(logits, torch.stack(attention, 1))
 
     def prunable_units(self) -> PrunableUnits:
         "The H hidden units of the LSTMCell, with the layers that initialise, read and gate them."

@@ -68,10 +68,10 @@ class CaptionModel(nn.Module, ModelHubMixin, library_name="captioning", tags=["i
         if isinstance(inputs, (tuple, list)): return inputs[0], inputs[1]
         return self.encoder(inputs)
 
-    def forward(self, inputs, captions_in: Tensor):
-        "Teacher-forced logits `(B, T, V)` (and attention) for `captions_in` = `<start> w1 … wn`."
-        global_features, region_features = self.features(inputs)
-        return self.decoder(global_features, region_features, captions_in)
+    def forward(self, inputs, captions_in: Tensor, rows: Tensor | None = None):
+        "Teacher-forced logits `(B, T, V)` (and attention) for `captions_in` = `<start> w1 … wn`; caption b shows input row rows[b]."
+        global_features, region_features = self.features(inputs)  # once per image, however many captions it has
+        return self.decoder(global_features, region_features, captions_in, rows=rows)
 
     @torch.no_grad()
     def generate(self, inputs, beam_size: int = 1, max_len: int = 20, **kwargs) -> Tensor:

@@ -68,6 +68,7 @@ RECIPES = {
             mirror=False,  # the captions say left and right: a mirror image would contradict them
         ),
         decoder=dict(kind="attention", embed_dim=128, hidden_dim=256, attention_dim=128),  # a small decoder: 48 words need no more
+        fine_tune=None,  # frozen features are enough for shapes
         cross_entropy=dict(epochs=8, batch_size=64, lr=2e-3, warmup_steps=200, patience=3),  # 8 epochs of 157 steps: about 2 minutes
         self_critical=None,
         generation=dict(beam_size=3, max_len=20),  # beam 3 scores a little above greedy after cross-entropy
@@ -76,6 +77,7 @@ RECIPES = {
         description="Show and Tell's LSTM on the synthetic shapes, for comparison with attention",
         data="synthetic-attention",
         decoder=dict(kind="lstm", embed_dim=128, hidden_dim=256),
+        fine_tune=None,
         cross_entropy="synthetic-attention",
         self_critical=None,
         generation=dict(beam_size=3, max_len=20),
@@ -84,6 +86,7 @@ RECIPES = {
         description="Show and Tell with a GRU on the synthetic shapes",
         data="synthetic-attention",
         decoder=dict(kind="gru", embed_dim=128, hidden_dim=256),
+        fine_tune=None,
         cross_entropy="synthetic-attention",
         self_critical=None,
         generation=dict(beam_size=3, max_len=20),
@@ -92,6 +95,7 @@ RECIPES = {
         description="a small Transformer decoder on the synthetic shapes",
         data="synthetic-attention",
         decoder=dict(kind="transformer", hidden_dim=128, num_layers=2, num_heads=4, ff_dim=512, dropout=0.1),  # d 128: the shapes need little width
+        fine_tune=None,
         cross_entropy=dict(epochs=8, batch_size=64, lr=1e-3, warmup_steps=200, patience=3),  # tied embeddings want a gentler peak than the LSTMs' 2e-3
         self_critical=None,
         generation=dict(beam_size=3, max_len=20),
@@ -107,6 +111,7 @@ RECIPES = {
             mirror=True,  # also train on mirrored photos: the one augmentation a feature cache allows
         ),
         decoder=dict(kind="attention", attention_dim=128),  # a 128-wide scoring layer: 1.2x faster at 81 regions, same score
+        fine_tune=None,  # frozen encoder: see flickr8k-attention-finetune
         cross_entropy=dict(
             epochs=11,  # dev CIDEr-D levels off by 9-11 epochs; self-critical training gains more from a longer-trained model
             max_minutes=17.0,  # the benchmark's budget for this stage
@@ -129,6 +134,7 @@ RECIPES = {
         description="the Flickr8k benchmark's Transformer (d 256): cross-entropy, then self-critical training",
         data="flickr8k-attention",
         decoder=dict(kind="transformer", hidden_dim=256, num_heads=4, ff_dim=1024, dropout=0.2),  # d 512 trains at 75 captions/s here: too slow for the budget
+        fine_tune=None,
         cross_entropy=dict(
             epochs=8, max_minutes=22.0,
             batch_size=128,
@@ -144,10 +150,26 @@ RECIPES = {
         ),
         generation=dict(beam_size=3, max_len=20),
     ),
+    "flickr8k-attention-finetune": dict(
+        description="the attention LSTM with the encoder's last blocks trained too, from a cut-point cache (notebook 05b)",
+        data="flickr8k-attention",
+        decoder="flickr8k-attention",
+        fine_tune=dict(blocks=2),  # the last MBConv block and the 1x1 head: 31 kB of cached activations per image at 288 px
+        cross_entropy=dict(
+            epochs=11, max_minutes=20.0,
+            batch_size=128,  # captions per step: about 26 images, their five captions each (group_by_image)
+            lr=2e-3,
+            encoder_lr=1e-4,  # 20x below the decoder's: the pretrained blocks need small steps
+            group_by_image=True,  # an image's captions share a batch: the encoder's top runs once for all five
+            patience=6,
+        ),
+        self_critical="flickr8k-attention",
+        generation=dict(beam_size=3, max_len=20),
+    ),
 }
 
 # %% ../nbs/11_recipes.ipynb #d489ab94
-_PARTS = ("data", "decoder", "cross_entropy", "self_critical", "generation")
+_PARTS = ("data", "decoder", "fine_tune", "cross_entropy", "self_critical", "generation")
 
 
 def recipe(name: str) -> dict:

@@ -93,6 +93,7 @@ class TrainConfig:
     eval_beam_size: int = 1  # decoding used for validation: greedy is fast and ranks epochs the same way
     max_len: int = 20  # longest generated caption, in words
     bucket_by_length: bool = True  # batch captions of similar length: recurrent decoders loop over the longest one
+    group_by_image: bool = False  # batches of whole images: an image's captions share a batch, so its input loads (and its encoder top runs) once
     curriculum_epochs: int = 0  # short captions first: epoch e < curriculum_epochs uses the shortest fraction (e+1)/(curriculum_epochs+1)
     num_workers: int = 0  # DataLoader workers; 0 is best for cached features
     seed: int = 0  # shuffling and dropout
@@ -133,26 +134,40 @@ def config_from_dict(cls, d: dict):
 
 # %% ../nbs/05_training.ipynb #b148f741
 class EpochBatches(Sampler):
-    "Batches of `indices` shuffled by `(seed, epoch)` alone (a resumed run sees the same batches); optionally length-bucketed."
+    "Batches of `indices` shuffled by `(seed, epoch)` alone (a resumed run sees the same batches); optionally length-bucketed, or of whole images."
 
     def __init__(self, indices: Sequence[int], batch_size: int, seed: int, epoch: int,
-                 lengths: Sequence[int] | None = None, pool: int = 50):
+                 lengths: Sequence[int] | None = None, pool: int = 50, images: Sequence[int] | None = None):
         self.indices, self.batch_size, self.seed, self.epoch = list(indices), batch_size, seed, epoch
-        self.lengths, self.pool = lengths, pool
+        self.lengths, self.pool, self.images = lengths, pool, images
 
-    def __len__(self) -> int: return math.ceil(len(self.indices) / self.batch_size)
+    def _units(self) -> list[list[int]]:
+        "What is shuffled and batched: single indices, or (with `images`) all the indices of one image together."
+        if self.images is None: return [[i] for i in self.indices]
+        units: dict[int, list[int]] = {}
+        for i in self.indices: units.setdefault(self.images[i], []).append(i)
+        return list(units.values())
 
-    def __iter__(self):
+    def __len__(self) -> int: return len(self._batches())
+
+    def __iter__(self): return iter(self._batches())
+
+    def _batches(self) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = [self.indices[i] for i in torch.randperm(len(self.indices), generator=generator).tolist()]
+        units = self._units()
+        order = [units[i] for i in torch.randperm(len(units), generator=generator).tolist()]
         if self.lengths is not None:  # sort within pools of `pool` batches: similar lengths share a batch
-            size = self.batch_size * self.pool
-            order = [i for start in range(0, len(order), size)
-                     for i in sorted(order[start:start + size], key=lambda i: self.lengths[i])]
-        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+            size = max(1, self.batch_size * self.pool // max(1, round(len(self.indices) / len(units))))
+            order = [u for start in range(0, len(order), size)
+                     for u in sorted(order[start:start + size], key=lambda u: max(self.lengths[i] for i in u))]
+        batches, batch = [], []
+        for unit in order:  # whole units, until a batch holds at least batch_size indices
+            batch += unit
+            if len(batch) >= self.batch_size: batches.append(batch); batch = []
+        if batch: batches.append(batch)
         if self.lengths is not None:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-        return iter(batches)
+        return batches
 
 
 def curriculum_indices(dataset: CaptionDataset, epoch: int, curriculum_epochs: int) -> list[int]:
@@ -173,7 +188,7 @@ class CrossEntropyObjective:
 
     def loss(self, model: CaptionModel, batch, train_set: CaptionDataset, config: TrainConfig) -> Tensor:
         "The scalar loss of one `CaptionBatch` (called under the run's autocast)."
-        output = model(batch.inputs, batch.decoder_inputs)
+        output = model(batch.inputs, batch.decoder_inputs, rows=batch.input_rows)
         return caption_loss(output, batch.targets, config.label_smoothing, config.attention_penalty)
 
     def weight(self, batch) -> float:
@@ -396,6 +411,7 @@ def _fit(model, vocab, train_set, dev_set, config, run_dir, resume, callbacks, b
         if processes.is_main: atomic_save({"model": model.state_dict(), "epoch": -1, "dev_cider": state["best_score"]}, best_path)
         if show: print(f"starting weights: dev CIDEr-D {state['best_score']:.3f}")
     lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
+    images = [image for image, _ in train_set.pairs] if config.group_by_image else None
     step_module = processes.wrap(_step_module(objective, model, train_set, config))
     epoch_times = [h["seconds"] for h in state["history"]]
     while state["epoch"] < config.epochs and state["bad_epochs"] < config.patience:
@@ -405,7 +421,7 @@ def _fit(model, vocab, train_set, dev_set, config, run_dir, resume, callbacks, b
             break
         epoch_start = time.perf_counter()
         batches = processes.shard(EpochBatches(objective.indices(train_set, epoch, config), config.batch_size * world,
-                                               config.seed, epoch, lengths))
+                                               config.seed, epoch, lengths, images=images))
         loader = DataLoader(train_set, batch_sampler=batches, collate_fn=collate_captions, num_workers=config.num_workers)
         model.train()
         total_loss, total_tokens, n_examples = 0.0, 0, 0

@@ -194,9 +194,9 @@ class TransformerDecoder(CaptionDecoder):
         return logits, new_state, weights.mean(1).squeeze(1)  # attention (B, N): last block, mean over heads
 
     def forward(self, global_features: Tensor | None, region_features: Tensor, captions_in: Tensor,
-                return_attention: bool = False) -> DecoderOutput:
+                rows: Tensor | None = None, return_attention: bool = False) -> DecoderOutput:
         "Teacher forcing in ONE parallel pass over all T positions (causal mask): logits (B, T, V); attention (B, T, N) if asked."
-        state = self.init_state(global_features, region_features)
+        state = self.teacher_state(global_features, region_features, rows)
         T, last = captions_in.shape[1], len(self.blocks) - 1
         x = self.embed(captions_in, torch.arange(T, device=captions_in.device))  # (B, T, d)
         for i, block in enumerate(self.blocks):
