@@ -1,6 +1,5 @@
-import json
-import os
-import shutil
+import pickle
+import sys
 from dataclasses import asdict
 from urllib.error import URLError
 
@@ -11,9 +10,9 @@ import torchvision
 from torch import nn
 
 from captioning.data import ImagePreprocessing, image_transforms
-from captioning.encoder import (ENCODERS, EfficientNetLite0, EfficientNetLiteEncoder, EncoderConfig, FeatureCacheError,
-                                FeatureStore, PretrainedWeightsUnavailable, ResNet50Encoder, TinyCNNEncoder,
-                                build_encoder, extract_features, feature_cache_key, parameter_groups)
+from captioning.encoder import (ENCODERS, EfficientNetLite0, EfficientNetLiteEncoder, FeatureCacheError, FeatureStore,
+                                PretrainedWeightsUnavailable, ResNet50Encoder, TinyCNNEncoder, build_encoder,
+                                extract_features, feature_cache_key)
 from captioning.synthetic import synthetic_corpus
 
 
@@ -69,16 +68,37 @@ def test_torchvision_download_failure_is_a_clear_error(monkeypatch, tmp_path):
     assert isinstance(error.value.__cause__, URLError)
 
 
+@pytest.mark.parametrize("content, cause", [(b"<html><body>403 Forbidden</body></html>", pickle.UnpicklingError),
+                                            (b"", EOFError), ("mobilenet_v2", RuntimeError)])
+def test_a_broken_file_in_the_torch_hub_cache_is_named_with_what_to_do(monkeypatch, tmp_path, content, cause):
+    "An HTML page saved as the .pth, an empty file, another network's checkpoint: one line naming the file."
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path))
+    cached = tmp_path / "checkpoints" / ResNet50Encoder.weights.url.rsplit("/", 1)[-1]
+    cached.parent.mkdir()
+    if content == "mobilenet_v2": torch.save(torchvision.models.mobilenet_v2().state_dict(), cached)
+    else: cached.write_bytes(content)
+    with pytest.raises(PretrainedWeightsUnavailable) as error:
+        build_encoder("resnet50", pretrained=True)
+    message = str(error.value)
+    assert f"the cached file {cached} is not the checkpoint" in message and "delete it" in message
+    assert "\n" not in message and isinstance(error.value.__cause__, cause)
+
+
 def test_build_encoder_rejects_bad_names_and_tiny_pretrained():
     with pytest.raises(ValueError, match="unknown encoder"): build_encoder("vgg16")
     with pytest.raises(ValueError, match="pretrained=False"): build_encoder("tiny")
-    with pytest.raises(ValueError): EncoderConfig("tiny", pretrained=False, trainable_blocks=-1)
+    with pytest.raises(ValueError): build_encoder("tiny", pretrained=False, trainable_blocks=-1)
+    with pytest.raises(ValueError): build_encoder("tiny", pretrained=False, trainable_blocks=5)  # it has 4 blocks
 
 
-def test_encoder_config_round_trips_json_and_builds():
-    config = EncoderConfig("tiny", pretrained=False, trainable_blocks=2)
-    assert EncoderConfig(**json.loads(json.dumps(asdict(config)))) == config
-    encoder = config.build()
+def test_a_timm_encoder_without_timm_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if not installed: `import timm` raises ImportError
+    with pytest.raises(ImportError, match="pip install timm"):
+        build_encoder("timm:vit_tiny_patch16_224", pretrained=False)
+
+
+def test_build_encoder_leaves_the_last_blocks_trainable():
+    encoder = build_encoder("tiny", pretrained=False, trainable_blocks=2)
     trainable = {n.split(".")[1] for n, p in encoder.named_parameters() if p.requires_grad}
     assert trainable == {"2", "3"}
 
@@ -111,12 +131,18 @@ def test_unfreeze_last_on_torchvision_blocks():
     assert trainable == {"layer4"} and not encoder.model.fc.weight.requires_grad
 
 
-def test_parameter_groups():
-    encoder, decoder = build_encoder("tiny", pretrained=False).unfreeze_last(1), nn.Linear(64, 10)
-    groups = parameter_groups(encoder, decoder, encoder_lr=1e-5, decoder_lr=1e-3)
-    assert [(g["name"], len(g["params"]), g["lr"]) for g in groups] == [("encoder", 3, 1e-5), ("decoder", 2, 1e-3)]
-    torch.optim.AdamW(groups)
-    assert [g["name"] for g in parameter_groups(encoder.freeze(), decoder, 1e-5, 1e-3)] == ["decoder"]
+def test_the_training_optimiser_gives_trainable_encoder_blocks_their_own_learning_rate():
+    from captioning.decoder import DecoderConfig, build_decoder
+    from captioning.model import CaptionModel
+    from captioning.training import TrainConfig, make_optimizer
+
+    encoder = build_encoder("tiny", pretrained=False, trainable_blocks=1)
+    decoder = build_decoder(DecoderConfig(vocab_size=10, feature_dim=64, embed_dim=8, hidden_dim=8))
+    model, config = CaptionModel(encoder, decoder), TrainConfig(lr=1e-3, encoder_lr=1e-5)
+    groups = make_optimizer(model, config).param_groups
+    n_decoder = sum(1 for p in decoder.parameters() if p.requires_grad)
+    assert [(g["name"], len(g["params"]), g["lr"]) for g in groups] == [("decoder", n_decoder, 1e-3), ("encoder", 3, 1e-5)]
+    assert [g["name"] for g in make_optimizer(model.__class__(encoder.freeze(), decoder), config).param_groups] == ["decoder"]
 
 
 class CountingEncoder(TinyCNNEncoder):
@@ -177,7 +203,7 @@ def test_feature_cache_rebuilt_when_stale(tmp_path, images):
     fp16 = extract_features(encoder, images, tmp_path, bf16=True, verbose=False)
     assert fp32.path != fp16.path
     key = feature_cache_key(encoder, [i.image_id for i in images], False, "float16")
-    assert key["encoder"] == "tiny" and key["preprocessing"]["size"] == 64
+    assert key["encoder"] == "tiny" and key["preprocessing"] == asdict(encoder.preprocessing)  # no interpolation: bilinear
 
 
 def test_interrupted_extraction_is_not_mistaken_for_a_cache(tmp_path, images):
