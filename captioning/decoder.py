@@ -461,8 +461,8 @@ def sample_decode(decoder: CaptionDecoder, global_features: Tensor | None, regio
 
 # %% ../nbs/04_decoder.ipynb #9749ac9b
 def plot_attention(image, words: list[str], attention: Tensor, grid_size: tuple[int, int] | None = None,
-                   ncols: int = 5, panel_size: float = 1.4, alpha: float = 0.6):
-    "The image, then one panel per word with its `attention` (L, N) over a (gh, gw) region grid laid over the image."
+                   ncols: int = 5, panel_size: float = 2.3, alpha: float = 0.55, title: str | None = None):
+    "The image, then one panel per word with its `attention` (L, N) over a (gh, gw) region grid laid over the image, on one colour scale."
     import matplotlib.pyplot as plt  # here, so importing the decoders does not need a plotting backend
 
     if isinstance(image, Tensor) and image.shape[0] == 3:  # (3, H, W) -> (H, W, 3)
@@ -474,15 +474,16 @@ def plot_attention(image, words: list[str], attention: Tensor, grid_size: tuple[
     gh, gw = grid_size or (math.isqrt(N), math.isqrt(N))
     if gh * gw != N: raise ValueError(f"a {gh}x{gw} grid does not have {N} regions: pass grid_size")
     maps = F.interpolate(attention.view(L, 1, gh, gw), size=image.shape[:2], mode="bilinear", align_corners=False)[:, 0]
+    top = float(maps.max()) or 1.0  # one scale for every word: a diffuse map looks diffuse
     nrows = math.ceil((len(words) + 1) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows * 1.15), dpi=80, squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_size * ncols, panel_size * nrows * 1.12), dpi=110, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     axes.flat[0].imshow(image.clamp(0, 1).numpy())
-    axes.flat[0].set_title("image", fontsize=9)
+    axes.flat[0].set_title("photo" if title is None else title, fontsize=11)
     for ax, word, heat in zip(axes.flat[1:], words, maps):
         ax.imshow(image.clamp(0, 1).numpy())
-        ax.imshow(heat.numpy(), cmap="gray", alpha=alpha)
-        ax.set_title(word, fontsize=9)
+        ax.imshow(heat.numpy(), cmap="inferno", alpha=alpha, vmin=0, vmax=top)
+        ax.set_title(word, fontsize=11)
     fig.tight_layout()
     return fig
