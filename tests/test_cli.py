@@ -1,5 +1,14 @@
+"The `captioning` command: data, train (recipes), evaluate (the model's own data by default) and caption."
 import json
-from captioning.cli import main
+
+import pytest
+import torch
+
+from captioning.cli import build_parser, main, recipe_name, settings_from_args
+
+from conftest import TINY_TRAIN
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py: two threads crawl on two shared cores
 
 
 def test_data_command_on_synthetic(tmp_path, capsys):
@@ -13,37 +22,45 @@ def test_data_command_reports_a_missing_folder(tmp_path, capsys):
     assert "nowhere" in capsys.readouterr().err
 
 
-def test_train_evaluate_caption_end_to_end(tmp_path, capsys):
+def test_train_prints_metrics_and_samples_and_exports(tiny_run):
+    log = tiny_run.log.read_text()
+    assert "recipe synthetic-attention: synthetic, 12 training / 4 dev images" in log  # the default recipe
+    assert "dev metrics (beam 3, 4 images" in log and "CIDEr-D" in log and "sample captions" in log
+    assert (tiny_run.run / "export" / "model.safetensors").exists()
+    settings = json.loads((tiny_run.run / "run.json").read_text())
+    assert settings["recipe"] == "synthetic-attention" and settings["data"]["n_train"] == 12
+    config = json.loads((tiny_run.run / "export" / "config.json").read_text())
+    assert config["trained_on"].items() >= {"dataset": "synthetic", "recipe": "synthetic-attention", "train_images": 12,
+                                            "n_train": 12, "n_dev": 4, "seed": 0}.items()  # what `evaluate` reads back
+    assert config["generation"]["beam_size"] == 3 and set(config["metrics"]) >= {"dev_BLEU-4", "dev_CIDEr-D"}
+
+
+def test_evaluate_and_caption_an_exported_model(tiny_run, tmp_path, capsys):
     from captioning.synthetic import synthetic_corpus
-    common = ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache")]
-    assert main(["train", *common, "--epochs", "1", "--no-meteor", "--warmup-steps", "2",
-                 "--output", str(tmp_path / "run")]) == 0
+    run, cache = tiny_run.copy(tmp_path)
+    evaluate = ["evaluate", str(run), "--no-meteor", "--split", "test", "--cache-dir", str(cache)]
+    assert main(evaluate) == 0  # no data flags: the data the model was trained on (trained_on)
     out = capsys.readouterr().out
-    assert "CIDEr-D" in out and (tmp_path / "run" / "export" / "model.safetensors").exists()
-    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
-    out = capsys.readouterr().out
-    assert "BLEU-4" in out and "beam 3;" in out  # the export records the training run's --beam-size, 3
+    assert "synthetic test (4 images, beam 3;" in out and "BLEU-4" in out  # the export's decoding, beam 3
     # evaluate decodes as the export says (a self-critical export says greedy) unless --beam-size is given
-    config_path = tmp_path / "run" / "export" / "config.json"
+    config_path = run / "export" / "config.json"
     config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "generation": {**config["generation"], "beam_size": 1}}))
-    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
-    assert "test (" in (out := capsys.readouterr().out) and "greedy;" in out
-    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", "--beam-size", "2"]) == 0
-    assert "beam 2;" in capsys.readouterr().out
-    # n-gram blocking, recorded by the export (the bench may choose it) or given, is used and named
-    config_path.write_text(json.dumps({**config, "generation": {**config["generation"], "beam_size": 1, "no_repeat_ngram_size": 2}}))
-    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test"]) == 0
+
+    def rewrite(**generation):  # the export's decoding, changed as the bench may change it (checksums stay valid)
+        config_path.write_text(json.dumps({**config, "generation": {**config["generation"], **generation}}))
+    rewrite(beam_size=1, no_repeat_ngram_size=2)  # n-gram blocking, recorded by the export (the bench may choose it)
+    assert main(evaluate) == 0
     assert "greedy, no repeated 2-grams;" in capsys.readouterr().out
-    assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", "--no-repeat-ngram-size", "0"]) == 0
-    assert "greedy;" in capsys.readouterr().out
-    for bad, message in ((["--no-repeat-ngram-size", "-1"], "must be 0 (off) or more, got -1"),
-                         (["--beam-size", "0"], "beam size must be at least 1, got 0")):
-        assert main(["evaluate", str(tmp_path / "run"), *common, "--no-meteor", "--split", "test", *bad]) == 2
-        assert message in capsys.readouterr().err
+    assert main([*evaluate, "--beam-size", "2", "--no-repeat-ngram-size", "0"]) == 0  # flags override the export
+    assert "test (4 images, beam 2;" in capsys.readouterr().out
+    for bad, message in ((["--no-repeat-ngram-size", "-1"], "argument --no-repeat-ngram-size: must be an integer of at least 0, got -1"),
+                         (["--beam-size", "0"], "argument --beam-size: must be an integer of at least 1, got 0")):
+        with pytest.raises(SystemExit) as exit:
+            main([*evaluate, *bad])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
     synthetic_corpus(0, 0, 1, seed=3)["test"][0].load().save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"garbage")
-    assert main(["caption", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", str(tmp_path / "run")]) == 1
+    assert main(["caption", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), "--model", str(run)]) == 1
     captured = capsys.readouterr()
     assert captured.out.startswith(str(tmp_path / "a.png") + "\t") and "b.jpg" in captured.err
 
@@ -53,23 +70,39 @@ def test_evaluate_reports_a_missing_model(tmp_path, capsys):
     assert "export folder not found" in capsys.readouterr().err
 
 
-def test_train_a_transformer_then_self_critical(tmp_path, capsys):
-    common = ["--n-train", "30", "--n-dev", "8", "--cache-dir", str(tmp_path / "cache")]
-    assert main(["train", *common, "--decoder", "transformer", "--epochs", "1", "--no-meteor", "--warmup-steps", "2",
-                 "--image-size", "96", "--squash", "--self-critical-epochs", "1", "--self-critical-batch-size", "8", "--output", str(tmp_path / "run")]) == 0
+def test_caption_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/synthetic-attention here
+    assert main(["caption", "x.png"]) == 2
+    assert "captioning train" in capsys.readouterr().err
+
+
+def test_recipes_are_chosen_by_name_or_by_dataset_and_decoder():
+    parse = lambda *flags: build_parser().parse_args(["train", *flags])
+    assert recipe_name(parse()) == "synthetic-attention"
+    assert recipe_name(parse("--decoder", "gru")) == "synthetic-gru"
+    assert recipe_name(parse("--dataset", "flickr8k", "--decoder", "transformer")) == "flickr8k-transformer"
+    assert recipe_name(parse("--dataset", "karpathy")) == "flickr8k-attention"  # photos of any source
+    assert recipe_name(parse("--recipe", "synthetic-lstm", "--decoder", "gru")) == "synthetic-lstm"
+    settings = settings_from_args(parse("--recipe", "synthetic-lstm", "--decoder", "gru", "--epochs", "2"))
+    assert settings["decoder"] == {"kind": "gru"}  # another kind: its own default sizes, not the recipe's
+    assert settings["cross_entropy"]["epochs"] == 2 and settings["data"]["dataset"] == "synthetic"
+    assert settings_from_args(parse("--self-critical-epochs", "0"))["self_critical"] is None
+    flickr = settings_from_args(parse("--dataset", "flickr8k", "--self-critical-epochs", "0"))
+    assert flickr["self_critical"] is None and flickr["data"]["min_freq"] == 5
+
+
+def test_train_a_transformer_then_self_critical(tiny_run, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["train", "--n-train", "8", "--n-dev", "4", "--cache-dir", str(cache), "--decoder", "transformer",
+                 "--epochs", "1", "--no-meteor", "--warmup-steps", "2", "--image-size", "64", "--squash",
+                 "--self-critical-epochs", "1", "--self-critical-batch-size", "8", "--output", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
-    assert "starting weights: dev CIDEr-D" in out and "CIDEr-D" in out
+    assert "recipe synthetic-transformer" in out and "stage: self-critical" in out and "starting weights: dev CIDEr-D" in out
     history = json.loads((tmp_path / "run" / "self-critical" / "history.json").read_text())
     assert len(history) == 1 and "sample_reward" in history[0]
     config = json.loads((tmp_path / "run" / "export" / "config.json").read_text())
     assert config["decoder"]["kind"] == "transformer"
-    assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (96, True)
-
-
-def _tiny_train_args(tmp_path) -> list[str]:
-    "A one-epoch synthetic run of 40 images with a shared feature cache: seconds, not minutes."
-    return ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache"), "--epochs", "1",
-            "--fine-tune-epochs", "0", "--no-meteor", "--warmup-steps", "2"]
+    assert (config["preprocessing"]["size"], config["preprocessing"]["squash"]) == (64, True)
 
 
 def _exported_weights(run_dir) -> dict:
@@ -77,22 +110,30 @@ def _exported_weights(run_dir) -> dict:
     return load_file(str(run_dir / "export" / "model.safetensors"))
 
 
-def test_the_same_command_trains_the_same_weights(tmp_path):
+def test_the_same_command_trains_the_same_weights(tiny_run, tmp_path):
     "--seed fixes the decoder's initial weights as well as the data and the batches: two runs export equal weights."
-    import torch
-    for run in ("a", "b"):
-        assert main(["train", *_tiny_train_args(tmp_path), "--output", str(tmp_path / run)]) == 0
-    a, b = (_exported_weights(tmp_path / run) for run in ("a", "b"))
+    assert main(tiny_run.args(tmp_path / "again", tiny_run.cache)) == 0
+    a, b = (_exported_weights(run) for run in (tiny_run.run, tmp_path / "again"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_mirror_trains_on_the_mirrored_images_too(tmp_path):
+def test_mirror_trains_on_the_mirrored_images_too(tiny_run, tmp_path):
     "--mirror extracts a second, mirrored cache of the training images, and training reads it: the weights change."
-    import torch
-    common = _tiny_train_args(tmp_path)
-    assert main(["train", *common, "--output", str(tmp_path / "plain")]) == 0
-    assert not list((tmp_path / "cache").glob("*mirrored*"))
-    assert main(["train", *common, "--mirror", "--output", str(tmp_path / "mirror")]) == 0
-    assert [p.name.split("-")[2] for p in (tmp_path / "cache").glob("*mirrored*")] == ["40img"]  # training images only
-    a, b = (_exported_weights(tmp_path / run) for run in ("plain", "mirror"))
+    _, cache = tiny_run.copy(tmp_path)
+    assert not list(cache.glob("*mirrored*"))
+    assert main(tiny_run.args(tmp_path / "mirror", cache, "--mirror")) == 0
+    assert [p.name.split("-")[2] for p in cache.glob("*mirrored*")] == ["12img"]  # training images only
+    a, b = (_exported_weights(run) for run in (tiny_run.run, tmp_path / "mirror"))
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_help_lists_every_command_and_its_options(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0
+    for command in ("train", "evaluate", "caption", "data"):
+        assert f"\n  {command} " in out
+    for option in ("--recipe", "--epochs", "--beam-size", "--restart", "--split", "--no-repeat-ngram-size", "--grid"):
+        assert option in out
+    assert TINY_TRAIN[0] in out  # --n-train

@@ -10,6 +10,8 @@ from captioning.data import (CaptionDataset, DatasetFormatError, DatasetUnavaila
 from captioning.synthetic import synthetic_corpus
 from captioning.vocabulary import PAD_ID, Vocabulary
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py: two threads crawl on two shared cores
+
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "CMYK", "P", "LA", "I;16"])
 def test_load_image_converts_modes_to_rgb(tmp_path, mode):
@@ -52,7 +54,9 @@ def test_training_and_evaluation_views_and_collate():
     train = CaptionDataset(corpus["train"], vocab, image_transforms(prep, train=True))
     assert len(train) == 50
     batch = collate_captions([train[i] for i in range(6)])
-    assert batch.inputs.shape == (6, 3, 64, 64)
+    rows = getattr(batch, "input_rows", None)  # each caption's row of the inputs (images may be stacked once each)
+    rows = torch.arange(6) if rows is None else rows
+    assert batch.inputs[rows].shape == (6, 3, 64, 64) and batch.image_indices.tolist() == [0] * 5 + [1]
     assert batch.captions.shape[0] == 6 and batch.lengths.max() == batch.captions.shape[1]
     for row, length in zip(batch.captions, batch.lengths):
         assert (row[length:] == PAD_ID).all() and (row[:length] != PAD_ID).all()
@@ -72,9 +76,44 @@ def test_hf_imagefolder_offline_and_hub_error(tmp_path, monkeypatch):
     corpus = load_hf("imagefolder", data_dir=tmp_path)
     assert len(corpus["train"]) == 3 and corpus["train"][0].load().size == (8, 8)
     import captioning.data
-    monkeypatch.setattr(captioning.data, "_hub_unreachable_reason", lambda: "cannot connect to huggingface.co (simulated)")
+    monkeypatch.setattr(captioning.data, "hub_unreachable_reason", lambda: "cannot connect to huggingface.co (simulated)")
     with pytest.raises(DatasetUnavailable, match=r"nlphuji/flickr30k.*simulated.*synthetic"):
         load_hf("nlphuji/flickr30k")
+
+
+def test_hub_unreachable_reason_is_quick_and_says_why(monkeypatch):
+    import time
+    from huggingface_hub import constants
+    from captioning.data import hub_unreachable_reason
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1")  # nothing listens on port 443 here
+    start = time.perf_counter()
+    reason = hub_unreachable_reason(timeout=2.0)
+    assert reason.startswith("cannot connect to 127.0.0.1") and time.perf_counter() - start < 5
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert hub_unreachable_reason() is None  # offline mode reads the local cache: nothing to connect to
+
+
+def test_load_corpus_names_what_it_loads_and_points_to_the_synthetic_world(tmp_path):
+    root = write_fake_flickr8k(tmp_path / "f8k", n_images=6)
+    assert [len(v) for v in load_corpus("flickr8k", root).values()] == [2, 2, 2]
+    with pytest.raises(ValueError, match="synthetic_corpus"):
+        load_corpus("synthetic")
+    with pytest.raises(ValueError, match="unknown dataset 'coco'"):
+        load_corpus("coco")
+
+
+def test_default_corpus_is_flickr8k_when_found_else_the_synthetic_shapes(tmp_path, monkeypatch, capsys):
+    from captioning.data import FLICKR8K_ENV
+    from captioning.synthetic import default_corpus
+    monkeypatch.delenv(FLICKR8K_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # no shared/data/flickr8k above this folder
+    name, corpus = default_corpus(n_train=5, n_dev=2, n_test=1)
+    assert name == "synthetic" and [len(v) for v in corpus.values()] == [5, 2, 1]
+    assert "synthetic shapes" in capsys.readouterr().out
+    monkeypatch.setenv(FLICKR8K_ENV, str(write_fake_flickr8k(tmp_path / "f8k", n_images=6)))
+    name, corpus = default_corpus(verbose=False)
+    assert name == "flickr8k" and corpus["train"][0].path.parent == tmp_path / "f8k" / "Images"
 
 
 def test_real_flickr8k_counts(flickr8k_root):

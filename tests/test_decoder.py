@@ -1,4 +1,3 @@
-import io
 import itertools
 import json
 
@@ -7,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from captioning.decoder import (
-    CaptionDecoder, DecoderConfig, ShowAndTellDecoder, ShowAttendTellDecoder, beam_search, block_repeated_ngrams,
-    build_decoder, doubly_stochastic_penalty, gnmt_length_penalty, greedy_decode, plot_attention, reorder_state,
-    sample_decode,
+    DECODERS, CaptionDecoder, DecoderConfig, PrunableUnits, ShowAndTellDecoder, ShowAttendTellDecoder, beam_search,
+    block_repeated_ngrams, build_decoder, doubly_stochastic_penalty, gnmt_length_penalty, greedy_decode, plot_attention,
+    register_decoder, reorder_state, sample_decode,
 )
 from captioning.vocabulary import END_ID, PAD_ID, START_ID
 
@@ -46,17 +45,49 @@ def captions_in(seed=0):
 def test_config_round_trips_through_json_and_validates():
     config = tiny(kind="gru", feed_features="first_step", dropout=0.1)
     assert DecoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    for bad in [dict(kind="rnn"), dict(feed_features="every_step"), dict(dropout=1.0), dict(hidden_dim=0),
-                dict(kind="attention", feed_features="first_step"), dict(kind="attention", num_layers=2)]:
+    for bad in [dict(kind=""), dict(kind=3), dict(feed_features="every_step"), dict(dropout=1.0), dict(hidden_dim=0),
+                dict(vocab_size=4), dict(kind="attention", feed_features="first_step"), dict(kind="attention", num_layers=2)]:
         with pytest.raises(ValueError):
             tiny(**bad)
     with pytest.raises(ValueError, match="unknown"):
         DecoderConfig.from_dict({**config.to_dict(), "hiden_dim": 3})
+    with pytest.raises(ValueError, match="JSON object"):
+        DecoderConfig.from_dict(["lstm"])
 
 
-def test_build_decoder_picks_the_class():
+def test_build_decoder_picks_the_registered_class():
     assert isinstance(build_decoder(tiny(kind="lstm")), ShowAndTellDecoder)
+    assert isinstance(build_decoder(tiny(kind="gru")), ShowAndTellDecoder)
     assert isinstance(build_decoder(tiny(kind="attention")), ShowAttendTellDecoder)
+    assert {"lstm", "gru", "attention"} <= set(DECODERS)
+    with pytest.raises(ValueError, match=r"no decoder of kind 'rnn' is registered \(known: .*attention.*lstm"):
+        build_decoder(tiny(kind="rnn"))  # a kind is plain data until a decoder registers it
+
+
+def test_a_decoder_registered_elsewhere_is_built_and_loaded_by_its_kind():
+    "The registry is the one place that names decoders: a new one needs no change to this module."
+    from dataclasses import dataclass
+
+    @dataclass
+    class WideConfig(DecoderConfig):
+        kind: str = "wide"
+        width: int = 3
+
+    @register_decoder("wide")
+    class WideDecoder(ShowAndTellDecoder):
+        config_class = WideConfig
+        def __init__(self, config):
+            super().__init__(DecoderConfig(**{k: v for k, v in config.to_dict().items() if k not in ("kind", "width")}))
+            self.config = config
+
+    try:
+        config = DecoderConfig.from_dict({"vocab_size": V, "feature_dim": D, "kind": "wide", "width": 5, "hidden_dim": 8})
+        assert type(config) is WideConfig and config.width == 5
+        assert type(build_decoder(config)) is WideDecoder
+    finally:
+        del DECODERS["wide"]
+    with pytest.raises(ValueError, match="no decoder of kind 'wide'"):
+        build_decoder(config)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
@@ -293,3 +324,43 @@ def test_attention_decoder_casts_regions_once_under_autocast():
     with torch.no_grad():
         full = decoder(None, regions, captions).logits
     assert (low - full).abs().max() < 0.1  # bf16 rounding only: the computation is the same
+
+
+ALL_KINDS = VARIANTS + [dict(kind="transformer")]
+
+
+def any_decoder(variant):
+    import captioning.transformer  # noqa: F401  registers the Transformer
+    if variant["kind"] == "transformer":
+        return build_decoder(DECODERS["transformer"].config_class(V, D, hidden_dim=16, num_layers=2, num_heads=2, ff_dim=24))
+    return build_decoder(tiny(**variant))
+
+
+@pytest.mark.parametrize("variant", ALL_KINDS, ids=[json.dumps(v) for v in ALL_KINDS])
+def test_prunable_weights_are_matrices_that_write_or_read_units_never_embeddings(variant):
+    decoder = any_decoder(variant)
+    found = decoder.prunable_weights()
+    embeddings = {id(m.weight) for m in decoder.modules() if isinstance(m, torch.nn.Embedding)}
+    assert found and len({(id(m), n) for m, n in found}) == len(found)
+    for module, name in found:
+        weight = getattr(module, name)
+        assert weight.dim() == 2 and id(weight) not in embeddings
+    linears = [m for m in decoder.modules() if isinstance(m, torch.nn.Linear) and id(m.weight) not in embeddings]
+    assert all((m, "weight") in found for m in linears)
+    if variant["kind"] == "transformer":  # the output layer is the embedding: pruning it would prune the words
+        assert not any(module is decoder.output for module, _ in found)
+
+
+@pytest.mark.parametrize("variant", [v for v in ALL_KINDS if v.get("num_layers", 1) == 1],
+                         ids=[json.dumps(v) for v in ALL_KINDS if v.get("num_layers", 1) == 1])
+def test_prunable_units_name_tensors_of_the_right_size(variant):
+    decoder = any_decoder(variant)
+    units = decoder.prunable_units()
+    assert isinstance(units, PrunableUnits) and units.groups
+    count = getattr(decoder.config, units.config_field)
+    for group in units.groups:
+        for module, tensor, dim, repeats in group:
+            weight = getattr(decoder.get_submodule(module), tensor)
+            assert isinstance(weight, torch.nn.Parameter) and weight.shape[dim] == repeats * count, (module, tensor)
+    with pytest.raises(ValueError, match="one recurrent layer"):
+        build_decoder(tiny(kind="lstm", num_layers=2)).prunable_units()

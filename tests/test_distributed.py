@@ -10,10 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioning.distributed import (ShardedBatches, TorchrunEnv, all_gather_objects, barrier, broadcast_object,
-                                    broadcast_tensors, init_distributed, is_main, rank, rank_slice, rank_zero_first,
-                                    sum_across_ranks, torchrun_env, torchrun_session, world_size)
-from captioning.training import CheckpointError, EpochBatches
+from captioning.distributed import (ShardedBatches, TorchrunEnv, TorchrunProcesses, all_gather_objects, barrier,
+                                    broadcast_object, broadcast_tensors, init_distributed, is_main, processes_for_job,
+                                    rank, rank_slice, rank_zero_first, sum_across_ranks, torchrun_env, torchrun_session,
+                                    world_size)
+from captioning.files import CheckpointError
+from captioning.training import EpochBatches, SingleProcess
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py: two threads crawl on two shared cores
 
 # Run by torchrun in 2 processes, and imported by the tests to train the same model in one process.
 SCRIPT = textwrap.dedent('''
@@ -22,10 +26,11 @@ SCRIPT = textwrap.dedent('''
     import torch
     from captioning.data import CaptionDataset, ImageDataset
     from captioning.decoder import DecoderConfig, build_decoder
-    from captioning.distributed import rank, torchrun_session
+    from captioning.distributed import processes_for_job, rank, torchrun_session
     from captioning.encoder import build_encoder
+    from captioning.model import CaptionModel
     from captioning.synthetic import synthetic_corpus
-    from captioning.training import CaptionModel, TrainConfig, fit
+    from captioning.training import TrainConfig, fit
     from captioning.vocabulary import Vocabulary
 
 
@@ -41,7 +46,7 @@ SCRIPT = textwrap.dedent('''
         vocab = Vocabulary.build([c for i in items["train"] for c in i.captions], min_freq=1)
         decoder = build_decoder(DecoderConfig(vocab_size=len(vocab), feature_dim=16, kind="attention", embed_dim=16,
                                               hidden_dim=24, attention_dim=8, dropout=dropout))
-        model = CaptionModel(build_encoder("tiny", pretrained=False), decoder)
+        model = CaptionModel(build_encoder("tiny", pretrained=False), decoder, vocab)
         return (model, vocab, CaptionDataset(items["train"], vocab, features=features[:16]),
                 ImageDataset(items["dev"], features=features[16:]))
 
@@ -57,22 +62,31 @@ SCRIPT = textwrap.dedent('''
         model, vocab, train_set, dev_set = setup()
         last = {}
         fit(model, vocab, train_set, dev_set, config(batch_size, precision), out / f"run{rank()}", verbose=False,
-            callbacks=[lambda history: last.update({k: v.clone() for k, v in model.state_dict().items()})])
+            callbacks=[lambda history: last.update({k: v.clone() for k, v in model.state_dict().items()})],
+            processes=processes_for_job())
         torch.save(last, out / f"weights{rank()}.pt")
 
 
     def crash_and_resume(out, batch_size):
         "With dropout: one uninterrupted run, and one killed after epoch 1 then resumed with fresh weights."
         model, vocab, train_set, dev_set = setup(dropout=0.3)
-        fit(model, vocab, train_set, dev_set, config(batch_size), out / "straight", verbose=False)
+        fit(model, vocab, train_set, dev_set, config(batch_size), out / "straight", verbose=False, processes=processes_for_job())
         model, vocab, train_set, dev_set = setup(dropout=0.3)
         def crash(history):
             if len(history) == 1: raise Crash()  # on every rank, after the checkpoint of epoch 1
-        try: fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", verbose=False, callbacks=[crash])
+        try: fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", verbose=False, callbacks=[crash],
+                 processes=processes_for_job())
         except Crash: pass
         torch.manual_seed(99 + rank())
         model, vocab, train_set, dev_set = setup(dropout=0.3)
-        fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", verbose=False)
+        fit(model, vocab, train_set, dev_set, config(batch_size), out / "resumed", verbose=False, processes=processes_for_job())
+
+
+    def fit_without_processes(out):
+        "In a process group, fit must be told how to talk to the other processes: without it, it refuses to start."
+        model, vocab, train_set, dev_set = setup()
+        try: fit(model, vocab, train_set, dev_set, config(8), out / f"refused{rank()}", verbose=False)
+        except ValueError as e: (out / f"refused{rank()}.txt").write_text(str(e))
 
 
     if __name__ == "__main__":
@@ -81,6 +95,7 @@ SCRIPT = textwrap.dedent('''
             train(out / "fp32", 8)
             train(out / "bf16", 8, "bf16")
             crash_and_resume(out / "resume", 8)
+            fit_without_processes(out)
 ''')
 
 
@@ -131,17 +146,17 @@ def test_only_rank_zero_writes_and_the_history_is_global(runs):
     tmp, _ = runs
     ddp, single = tmp / "ddp" / "fp32", tmp / "single" / "fp32"
     assert sorted(p.name for p in ddp.iterdir()) == ["run0", "weights0.pt", "weights1.pt"]  # no run1: rank 1 wrote nothing
-    assert sorted(p.name for p in (ddp / "run0").iterdir()) == ["best.pt", "checkpoint.pt", "history.json"]
+    assert sorted(p.name for p in (ddp / "run0").iterdir()) == [".lock", "best.pt", "checkpoint.pt", "history.json"]
     h2, h1 = (json.loads((d / "run0" / "history.json").read_text()) for d in (ddp, single))
     assert [round(h["train_loss"], 4) for h in h2] == [round(h["train_loss"], 4) for h in h1]  # a global token mean
-    checkpoint = torch.load(ddp / "run0" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(ddp / "run0" / "checkpoint.pt", weights_only=True)  # every rank's RNG state as plain data
     assert checkpoint["state"]["world_size"] == 2 and len(checkpoint["state"]["rng_per_rank"]) == 2
     assert not any(k.startswith("module.") for k in checkpoint["model"])
 
 
 def test_resume_under_ddp_is_exact(runs):
     tmp, _ = runs
-    straight, resumed = (torch.load(tmp / "ddp" / "resume" / name / "checkpoint.pt", weights_only=False)
+    straight, resumed = (torch.load(tmp / "ddp" / "resume" / name / "checkpoint.pt", weights_only=True)
                          for name in ("straight", "resumed"))
     assert all(torch.equal(straight["model"][k], resumed["model"][k]) for k in straight["model"])
     assert [h["train_loss"] for h in straight["state"]["history"]] == [h["train_loss"] for h in resumed["state"]["history"]]
@@ -154,17 +169,26 @@ def test_a_checkpoint_from_two_processes_is_refused_by_one(runs, tmp_path):
         script.fit(model, vocab, train_set, dev_set, script.config(8), tmp / "ddp" / "resume" / "straight", verbose=False)
 
 
+def test_fit_in_a_process_group_needs_its_processes(runs):
+    tmp, _ = runs
+    for r in (0, 1):
+        assert "pass processes=TorchrunProcesses()" in (tmp / "ddp" / f"refused{r}.txt").read_text()
+        assert not (tmp / "ddp" / f"refused{r}").exists()  # refused before it took the folder
+
+
 def test_train_command_under_torchrun(tmp_path):
-    common = ["--n-train", "40", "--n-dev", "10", "--cache-dir", str(tmp_path / "cache")]
+    common = ["--n-train", "12", "--n-dev", "4", "--cache-dir", str(tmp_path / "cache")]
     result = run_torchrun(["-m", "captioning.cli", "train", *common, "--epochs", "1", "--no-meteor", "--warmup-steps", "2",
                            "--beam-size", "1", "--output", str(tmp_path / "run")], cwd=tmp_path)
     assert "x 2 processes" in result.stdout
     assert result.stdout.count("exported to") == 1 and result.stdout.count("epoch  1:") == 1  # rank 0 reports, once
     assert len(list((tmp_path / "cache").iterdir())) == 2  # train and dev features, extracted once
     from safetensors.torch import load_file
-    from captioning.training import load_exported
+    from captioning.model import CaptionModel
     assert not any(k.startswith("module.") for k in load_file(str(tmp_path / "run" / "export" / "model.safetensors")))
-    load_exported(tmp_path / "run" / "export")
+    CaptionModel.from_pretrained(tmp_path / "run" / "export")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "best.pt", "checkpoint.pt", "export",
+                                                                    "history.json", "run.json"]
 
 
 # Single-process behaviour of the helpers: every one of them is a no-op.
@@ -189,6 +213,9 @@ def test_helpers_do_nothing_in_one_process(monkeypatch):
     assert broadcast_object([1, 2]) == [1, 2] and all_gather_objects("x") == ["x"] and sum_across_ranks(2, 3) == [2.0, 3.0]
     t = torch.ones(2); broadcast_tensors([t]); assert torch.equal(t, torch.ones(2))
     assert rank_zero_first(lambda: 7) == 7
+    assert type(processes_for_job()) is SingleProcess  # fit's default: one process, every method trivial
+    with pytest.raises(ValueError, match="needs a process group"):
+        TorchrunProcesses()
 
 
 def test_shards_of_every_global_batch_cover_it_in_order():

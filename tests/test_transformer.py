@@ -10,10 +10,11 @@ from captioning.decoder import (CaptionDecoder, DecoderConfig, beam_search, buil
                                 greedy_decode, sample_decode)
 from captioning.encoder import build_encoder
 from captioning.synthetic import synthetic_corpus
-from captioning.training import (CaptionModel, TrainConfig, caption_loss, export_model, fit, generate_captions,
-                                 load_exported)
-from captioning.transformer import (MultiHeadAttention, TransformerDecoder, attend, causal_mask, sinusoidal_encoding,
-                                    transformer_config)
+from captioning.model import CaptionModel, generate_captions
+from captioning.recipes import DEFAULTS
+from captioning.training import TrainConfig, caption_loss, fit
+from captioning.transformer import (MultiHeadAttention, TransformerConfig, TransformerDecoder, attend, causal_mask,
+                                    sinusoidal_encoding)
 from captioning.vocabulary import END_ID, PAD_ID, START_ID, Vocabulary
 
 B, N, D, V, T = 3, 5, 12, 11, 6
@@ -22,9 +23,9 @@ B, N, D, V, T = 3, 5, 12, 11, 6
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-def tiny(**kwargs) -> DecoderConfig:
-    return DecoderConfig(**{**dict(vocab_size=V, feature_dim=D, kind="transformer", embed_dim=16, hidden_dim=16,
-                                   num_layers=2, num_heads=4, ff_dim=32, dropout=0.1), **kwargs})
+def tiny(**kwargs) -> TransformerConfig:
+    return TransformerConfig(**{**dict(vocab_size=V, feature_dim=D, embed_dim=16, hidden_dim=16,
+                                       num_layers=2, num_heads=4, ff_dim=32, dropout=0.1), **kwargs})
 
 
 def regions(seed=0):
@@ -214,21 +215,26 @@ def test_beam_search_with_the_cache_equals_beam_search_without(beam_size):
 
 def test_config_round_trips_and_validates():
     config = tiny(num_heads=2, ff_dim=24)
-    assert DecoderConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    old = {k: v for k, v in DecoderConfig(V, D, kind="attention").to_dict().items() if k not in ("num_heads", "ff_dim")}
-    assert DecoderConfig.from_dict(old).num_heads == 8  # a config.json written before the transformer still loads
+    restored = DecoderConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert type(restored) is TransformerConfig and restored == config  # the registry picks the config class by kind
+    no_heads = {k: v for k, v in config.to_dict().items() if k not in ("num_heads", "ff_dim")}
+    restored = DecoderConfig.from_dict(no_heads)  # fields left out take the recommended values
+    assert (restored.num_heads, restored.ff_dim) == (DEFAULTS["transformer"]["num_heads"], DEFAULTS["transformer"]["ff_dim"])
+    with pytest.raises(ValueError, match="unknown DecoderConfig fields"):  # the LSTMs' configs have no heads
+        DecoderConfig.from_dict({**DecoderConfig(V, D, kind="lstm").to_dict(), "num_heads": 8})
     with pytest.raises(ValueError, match="embed_dim must equal hidden_dim"):
         tiny(embed_dim=8)
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         tiny(num_heads=3)
-    for bad in [dict(num_heads=0), dict(ff_dim=0), dict(num_layers=0), dict(kind="transformers")]:
+    for bad in [dict(num_heads=0), dict(ff_dim=0), dict(num_layers=0), dict(kind="transformers"), dict(dropout=1.0)]:
         with pytest.raises(ValueError):
             tiny(**bad)
     DecoderConfig(V, D, kind="lstm", hidden_dim=10)  # head divisibility concerns the transformer only
-    recommended = transformer_config(2541, 1280)
-    assert (recommended.hidden_dim, recommended.num_layers, recommended.num_heads, recommended.ff_dim) == (512, 3, 8, 2048)
-    assert transformer_config(100, 8, hidden_dim=64, num_heads=4).embed_dim == 64
-    with pytest.raises(ValueError, match="kind='transformer'"):
+    recommended = TransformerConfig(2541, 1280)
+    assert (recommended.hidden_dim, recommended.embed_dim, recommended.num_layers, recommended.num_heads,
+            recommended.ff_dim, recommended.dropout) == (512, 512, 3, 8, 2048, 0.3)
+    assert TransformerConfig(100, 8, hidden_dim=64, num_heads=4).embed_dim == 64  # tied: follows d_model
+    with pytest.raises(ValueError, match="needs a TransformerConfig"):
         TransformerDecoder(DecoderConfig(V, D, kind="gru"))
 
 
@@ -238,8 +244,8 @@ def setup(seed=0):
     rng = torch.Generator().manual_seed(0)
     features = [(torch.randn(16, generator=rng), torch.randn(4, 16, generator=rng)) for _ in range(30)]
     vocab = Vocabulary.build([c for i in items["train"] for c in i.captions], min_freq=1)
-    decoder = build_decoder(transformer_config(len(vocab), 16, hidden_dim=16, num_layers=2, num_heads=4, ff_dim=32))
-    model = CaptionModel(build_encoder("tiny", pretrained=False), decoder)
+    decoder = build_decoder(TransformerConfig(len(vocab), 16, hidden_dim=16, num_layers=2, num_heads=4, ff_dim=32))
+    model = CaptionModel(build_encoder("tiny", pretrained=False), decoder, vocab)
     return model, vocab, CaptionDataset(items["train"], vocab, features=features[:24]), ImageDataset(items["dev"], features=features[24:])
 
 
@@ -252,8 +258,9 @@ def test_fit_with_default_train_config_and_export_round_trip(tmp_path):
     assert output.attention is None  # so caption_loss adds no doubly stochastic penalty
     targets = torch.tensor([[5, 6, END_ID], [7, 8, END_ID]])
     assert torch.equal(caption_loss(output, targets, attention_penalty=1.0), caption_loss(output, targets))
-    folder = export_model(model, vocab, tmp_path / "export")
+    folder = tmp_path / "export"
+    model.save_pretrained(folder)
     assert json.loads((folder / "config.json").read_text())["decoder"]["kind"] == "transformer"
-    loaded, loaded_vocab, _ = load_exported(folder)
+    loaded = CaptionModel.from_pretrained(folder)
     assert isinstance(loaded.decoder, TransformerDecoder) and loaded.decoder.output.weight is loaded.decoder.embedding.weight
-    assert generate_captions(loaded, dev, loaded_vocab, beam_size=3) == generate_captions(model, dev, vocab, beam_size=3)
+    assert generate_captions(loaded, dev, loaded.vocab, beam_size=3) == generate_captions(model, dev, vocab, beam_size=3)
