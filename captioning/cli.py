@@ -24,7 +24,7 @@ from .data import (CaptionDataset, DatasetFormatError, DatasetUnavailable, Image
 from .decoder import DECODERS, DecoderConfig, decoding_name
 from .encoder import ENCODERS, PretrainedWeightsUnavailable, RandomView, build_encoder, extract_features
 from .files import CheckpointError, FolderLock, StorageError, read_json, write_json
-from .model import CaptionModel, check_generation, evaluate_model
+from .model import CaptionModel, check_generation, evaluate_model, pick_device
 from .recipes import RECIPES, recipe
 from .synthetic import synthetic_corpus
 from .vocabulary import Vocabulary, tokenize
@@ -294,12 +294,11 @@ def _train(args, settings: dict, output: Path, processes, device: torch.device) 
 # %% ../nbs/10_cli.ipynb #25acf3f3
 def _load_model(name, device: str):
     "A model from an export folder, a run folder that holds one, or a hub id, on `device`."
-    from captioning.distributed import device_for
     path = Path(name)
     if (path / "export" / "config.json").exists(): path = path / "export"
     elif path.is_dir() and not (path / "config.json").exists() and (path / "run.json").exists():
         raise CheckpointError(f"{path} is a training run without an export yet: let `captioning train` finish first")
-    return CaptionModel.from_pretrained(str(path) if path.exists() else str(name), device=device_for(None, device))
+    return CaptionModel.from_pretrained(str(path) if path.exists() else str(name), device=pick_device(device))
 
 
 def _generation(args, model: CaptionModel) -> dict:

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Sampler, Subset
 
+from .model import pick_device
 from .training import SingleProcess, rng_state, set_rng_state
 
 # %% ../nbs/05a_distributed.ipynb #77b5582f
@@ -53,12 +54,8 @@ def torchrun_env(environ=None) -> TorchrunEnv | None:
 # %% ../nbs/05a_distributed.ipynb #7be590fb
 def device_for(env: TorchrunEnv | None, device: str | torch.device = "auto") -> torch.device:
     "The device a process trains on: `cuda:LOCAL_RANK` under a multi-process torchrun job on GPUs, else `device`."
-    name = str(device)
-    if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu": return torch.device("cpu")
-    if name != "cuda": raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    if not torch.cuda.is_available(): raise ValueError("--device cuda: no CUDA device is available")
-    if env is None or env.world_size == 1: return torch.device("cuda")
+    device = pick_device(device)
+    if device.type == "cpu" or env is None or env.world_size == 1: return device
     if env.local_rank >= torch.cuda.device_count():
         raise ValueError(f"LOCAL_RANK {env.local_rank} needs a GPU of its own, but this machine has {torch.cuda.device_count()}: "
                          "start at most one process per GPU (--nproc_per_node)")

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -39,12 +40,14 @@ def writing(path):
     "Turn a full disk or a read-only file system while writing `path` into a one-line `StorageError`."
     try: yield
     except StorageError: raise
-    except OSError as e:
-        if e.errno in _NO_SPACE:
-            raise StorageError(e.errno, f"no space left on the device to write {path}: free some space and run "
+    except (OSError, RuntimeError) as e:
+        cause = e  # torch.save reports a full disk as a RuntimeError whose context is the OSError
+        while cause is not None and not isinstance(cause, OSError): cause = cause.__cause__ or cause.__context__
+        if cause is not None and cause.errno in _NO_SPACE:
+            raise StorageError(cause.errno, f"no space left on the device to write {path}: free some space and run "
                                "the same command again (files written earlier are intact)") from None
-        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise StorageError(e.errno, f"cannot write {path}: {e.strerror}") from None
+        if cause is not None and cause.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise StorageError(cause.errno, f"cannot write {path}: {cause.strerror}") from None
         raise
 
 
@@ -77,11 +80,13 @@ def write_json(path, data) -> Path:
 
 
 def remove_temporaries(folder) -> list[Path]:
-    "Delete the temporary files that killed writes left in `folder` (call it only while holding the folder's lock)."
+    "Delete the temporary files and folders that killed writes left in `folder` (call it only while holding the folder's lock)."
     folder = Path(folder)
     if not folder.is_dir(): return []
-    left = [p for p in folder.glob(f".*{TEMPORARY_SUFFIX}") if p.is_file()]
-    for p in left: p.unlink(missing_ok=True)
+    left = sorted(folder.glob(f".*{TEMPORARY_SUFFIX}"))
+    for p in left:
+        if p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+        else: p.unlink(missing_ok=True)
     return left
 
 # %% ../nbs/02b_files.ipynb #c0ed6531

@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
@@ -19,13 +22,13 @@ import captioning.transformer  # noqa: F401  registers the Transformer decoder (
 from .data import ImageDataset, ImagePreprocessing, collate_images, hub_unreachable_reason, image_transforms
 from .decoder import CaptionDecoder, DecoderConfig, beam_search, build_decoder, greedy_decode
 from .encoder import ImageEncoder, autocast_for, build_encoder
-from .files import CheckpointError, atomic_write, file_sha256, read_json, write_json
+from .files import TEMPORARY_SUFFIX, CheckpointError, atomic_write, file_sha256, read_json, write_json, writing
 from .metrics import evaluate_captions
 from .vocabulary import Vocabulary
 
 # %% auto #0
-__all__ = ['GENERATION', 'EXPORT_FORMAT', 'EXPORT_VERSION', 'EXPORT_FILES', 'check_generation', 'CaptionModel',
-           'generate_captions', 'evaluate_model', 'from_pretrained']
+__all__ = ['GENERATION', 'EXPORT_FORMAT', 'EXPORT_VERSION', 'EXPORT_FILES', 'pick_device', 'check_generation', 'CaptionModel',
+           'generate_captions', 'evaluate_model', 'save_pretrained', 'from_pretrained']
 
 # %% ../nbs/04a_model.ipynb #e895e680
 GENERATION = {"beam_size": 3, "max_len": 20, "no_repeat_ngram_size": 0}  # how a model decodes unless it says otherwise
@@ -39,6 +42,15 @@ Trained with [captioning]({{ repo_url }}), a teaching repository: a pretrained i
 Load it with `CaptionModel.from_pretrained` from `captioning.model`; `config.json` says what it was trained on and
 how it decodes.
 """
+
+
+def pick_device(name: str | torch.device = "auto") -> torch.device:
+    "'auto' (CUDA when there is a GPU, else the CPU), 'cpu' or 'cuda', checked: a clear error when CUDA is asked for and absent."
+    name = str(name)
+    if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"): raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available(): raise ValueError("--device cuda: no CUDA device is available")
+    return torch.device(name)
 
 
 def check_generation(generation: dict) -> dict:
@@ -151,7 +163,23 @@ def _save_pretrained(self: CaptionModel, save_directory: Path) -> None:
     write_json(folder / EXPORT_FILES["config"], config)
 
 
-CaptionModel._save_pretrained = _save_pretrained
+def save_pretrained(self: CaptionModel, save_directory, **kwargs):
+    "`ModelHubMixin.save_pretrained` into a temporary folder beside `save_directory`, then swapped in: a failed export leaves the previous one whole."
+    folder = Path(save_directory)
+    if kwargs.get("push_to_hub"): kwargs.setdefault("repo_id", folder.name)
+    with writing(folder): folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{TEMPORARY_SUFFIX}"
+    old = tmp.with_name(tmp.name.replace(TEMPORARY_SUFFIX, ".old" + TEMPORARY_SUFFIX))
+    try:
+        with writing(folder): result = ModelHubMixin.save_pretrained(self, tmp, **kwargs)
+        if folder.exists(): os.replace(folder, old)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(old, ignore_errors=True)
+    return result
+
+
+CaptionModel._save_pretrained, CaptionModel.save_pretrained = _save_pretrained, save_pretrained
 
 # %% ../nbs/04a_model.ipynb #91b22eb1
 def _upgrade_v1(config: dict) -> dict:

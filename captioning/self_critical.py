@@ -29,6 +29,9 @@ class CiderReward:
     def __init__(self, references: Sequence[Sequence[Caption]], vocab: Vocabulary,
                  document_frequency_source: Sequence[Sequence[Caption]] | None = None):
         self.vocab = vocab
+        for i, refs in enumerate(references):
+            if not any(caption_tokens(r) for r in refs):
+                raise ValueError(f"image {i} has no reference caption with a word: the reward needs one to score against")
         self.cider = CiderD(references, document_frequency_source=document_frequency_source)
         self.word_tokens = [tokenize(word) for word in vocab.itos]  # what `tokenize(decode(ids))` makes of each id
         self.word_tokens[PAD_ID] = self.word_tokens[START_ID] = []  # `decode` drops them

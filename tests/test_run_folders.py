@@ -288,19 +288,12 @@ def assert_disk_full_message(error: BaseException, path_part: str) -> None:
     assert "no space left on the device" in str(error) and path_part in str(error) and "\n" not in str(error)
 
 
-TORCH_SAVE_BUG = ("package bug: torch.save turns the ENOSPC of a write into RuntimeError('[enforce fail at "
-                  "inline_container.cc] unexpected pos'), with the OSError only as its __context__, so "
-                  "captioning.files.writing does not make it a StorageError (seen on a real full tmpfs too)")
-EXTRACTION_BUG = ("package bug: when the disk fills during extract_features, its cleanup closes the .npy files, whose "
-                  "close() flushes buffered bytes and raises ENOSPC again: a raw OSError escapes the handler before "
-                  "shutil.rmtree, so the temporary folder stays (seen on a real full tmpfs too)")
-
 
 @pytest.mark.parametrize("what, room", [
     pytest.param("features", 0, marks=pytest.mark.xfail(strict=True, reason=EXTRACTION_BUG)),
     pytest.param("features", 20_000, marks=pytest.mark.xfail(strict=True, reason=EXTRACTION_BUG)),
     ("checkpoint", 0),
-    pytest.param("checkpoint", 64_000, marks=pytest.mark.xfail(strict=True, reason=TORCH_SAVE_BUG)),
+    pytest.param("checkpoint", 64_000),
     ("history", 0),
     ("export", 0),
     ("export", 64_000)])
@@ -328,7 +321,7 @@ def test_6_a_full_disk_gives_one_line_and_leaves_no_temporary_files(what, room, 
 @pytest.mark.parametrize("what, room", [
     pytest.param("features", 0, marks=pytest.mark.xfail(strict=True, reason=EXTRACTION_BUG)),
     ("features", 4096),  # the .npy header is written, then the first block fills the disk: nothing is left buffered
-    pytest.param("checkpoint", 4096, marks=pytest.mark.xfail(strict=True, reason=TORCH_SAVE_BUG)),
+    pytest.param("checkpoint", 4096),
     ("history", 0),  # history.json is smaller than 4 kB
     ("export", 4096)])
 def test_6_a_full_disk_stops_the_command_with_one_line(what, room, tiny_run, tmp_path, monkeypatch, capsys):
@@ -344,9 +337,6 @@ def test_6_a_full_disk_stops_the_command_with_one_line(what, room, tiny_run, tmp
     assert temporaries(run, cache) == []
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: huggingface_hub's ModelHubMixin.save_pretrained deletes the "
-                   "folder's config.json before CaptionModel._save_pretrained writes anything, so a failed export "
-                   "(here a full disk) leaves the previous export without its config.json")
 def test_6_a_failed_export_leaves_the_previous_export_loadable(tiny_run, tmp_path, monkeypatch):
     run, cache = tiny_run.copy(tmp_path)
     FullDisk(monkeypatch, ".model.safetensors.*", room=0)

@@ -99,9 +99,6 @@ def test_reward_of_captions_without_any_match_is_zero():
     with pytest.raises(ValueError, match="image indices"): reward(ids, [0])
 
 
-@pytest.mark.xfail(strict=True, reason="package bug: without the removed sentinel, CiderReward over references that "
-                   "have no word raises IndexError from CiderD.score (metrics.py) instead of refusing them up front "
-                   "or scoring 0")
 def test_references_without_a_word_are_refused_or_score_zero():
     "Punctuation-only references: the reward must say so when built, or score every caption 0 — not crash mid-training."
     _, vocab, _, _ = setup()

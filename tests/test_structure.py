@@ -173,9 +173,6 @@ def test_a_hub_id_that_is_not_cached_fails_at_once_with_one_line(fresh_interpret
     assert "\n" not in results["unreachable"] and results["unreachable seconds"] < 10  # one quick try, no retries
 
 
-@pytest.mark.xfail(strict=True, reason="package bug (design): cli._load_model imports captioning.distributed for "
-                   "device_for, and distributed imports captioning.training, so `captioning caption` loads the "
-                   "training loop although train_command says the training side is imported only to train")
 def test_the_caption_command_does_not_import_the_training_loop(fresh_interpreter):
     results, _, _ = fresh_interpreter
     assert results["cli"]["code"] == 0
