@@ -517,7 +517,7 @@ class TimmEncoder(ImageEncoder):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        "timm's parameter groups in forward order (stem, then each block), less the classifier, which no feature uses."
+        "timm's parameter groups in forward order (stem, then each block), less the unused classifier: to freeze, not to call."
         from timm.models import group_parameters
         classifier = self.model.pretrained_cfg.get("classifier") or ()
         classifier = {classifier} if isinstance(classifier, str) else set(classifier)  # e.g. "head", or "fc"
