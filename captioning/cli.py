@@ -168,12 +168,13 @@ def check_settings(settings: dict) -> None:
     try: stage_configs(settings, vocab_size=100, feature_dim=8)
     except (ValueError, TypeError) as e: raise ValueError(f"the settings cannot run: {e}") from None
     data = settings["data"]
-    if data["encoder"] not in ENCODERS or data["encoder"] == "tiny":
-        raise ValueError(f"--encoder: unknown encoder {data['encoder']!r}")
-    encoder = build_encoder(data["encoder"], pretrained=False, image_size=data["image_size"], squash=data["squash"])
-    if settings["fine_tune"] and not 0 < settings["fine_tune"]["blocks"] < len(encoder.blocks):
-        raise ValueError(f"--fine-tune-blocks {settings['fine_tune']['blocks']}: {data['encoder']} has {len(encoder.blocks)} blocks "
-                         f"(fine-tune 1 to {len(encoder.blocks) - 1})")
+    if data["encoder"] == "tiny": raise ValueError("--encoder tiny is a random test network, not a pretrained encoder")
+    try: encoder = build_encoder(data["encoder"], pretrained=False, image_size=data["image_size"], squash=data["squash"])
+    except (ValueError, ImportError) as e: raise ValueError(f"--encoder: {e}") from None
+    if settings["fine_tune"]:
+        from captioning.fine_tuning import check_cut
+        try: check_cut(encoder, settings["fine_tune"]["blocks"])
+        except ValueError as e: raise ValueError(f"--fine-tune-blocks {settings['fine_tune']['blocks']}: {e}") from None
     check_generation({k: v for k, v in settings["generation"].items()})
 
 
@@ -252,7 +253,11 @@ def _train(args, settings: dict, output: Path, processes, device: torch.device) 
     corpus = corpus_from_args(data["dataset"], args.root, args.images_root, data.get("n_train", 2000), data.get("n_dev", 250), data["seed"])
     train_items, dev_items = _split(corpus, "train"), _split(corpus, "dev")
     vocab = Vocabulary.build([c for item in train_items for c in item.captions], min_freq=data["min_freq"])
-    encoder = build_encoder(data["encoder"], pretrained=True, image_size=data["image_size"], squash=data["squash"]).to(device)
+    weights = {"weights_file": args.encoder_weights} if args.encoder_weights else {}
+    try: encoder = build_encoder(data["encoder"], pretrained=True, image_size=data["image_size"], squash=data["squash"], **weights)
+    except PretrainedWeightsUnavailable as e:
+        raise PretrainedWeightsUnavailable(f"{e} (On the command line: --encoder-weights FILE, or --encoder efficientnet_lite0.)") from None
+    encoder = encoder.to(device)
     if main:
         print(f"recipe {settings['recipe']}: {data['dataset']}, {len(train_items):,} training / {len(dev_items):,} dev images; "
               f"{vocab}; encoder {data['encoder']} on {device}" + (f" x {processes.world_size} processes" if processes.world_size > 1 else ""))
@@ -382,8 +387,10 @@ def _train_parser(commands):
                        help=f"the recipe to run (notebook 11; default: {DEFAULT_RECIPE}, or {{dataset}}-{{decoder}} from those flags)")
     _add_dataset_arguments(train, "the recipe's")
     train.add_argument("--min-freq", type=_integer(1), default=None, help="vocabulary threshold (default: the recipe's)")
-    train.add_argument("--encoder", choices=sorted(set(ENCODERS) - {"tiny"}), default=None,
-                       help="pretrained image encoder (efficientnet_lite0 works offline)")
+    train.add_argument("--encoder", default=None, help="pretrained image encoder: " + ", ".join(sorted(set(ENCODERS) - {"tiny"}))
+                       + " or timm:<model name> (ViT, CLIP; notebook 03); efficientnet_lite0 works offline")
+    train.add_argument("--encoder-weights", type=Path, default=None, help="a local file of the encoder's weights (a timm encoder "
+                       "without internet: .safetensors, .pth or .npz)")
     train.add_argument("--image-size", type=_integer(32), default=None, help="encoder input in pixels; 288 gives 9x9 regions")
     train.add_argument("--squash", action=argparse.BooleanOptionalAction, default=None,
                        help="resize whole photos to a square instead of a centre crop")

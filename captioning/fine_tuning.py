@@ -15,7 +15,7 @@ from .encoder import ImageEncoder, extract_features
 from .model import CaptionModel
 
 # %% auto #0
-__all__ = ['EncoderBottom', 'EncoderTop', 'encoder_swapped', 'ActivationView', 'cut_point_data']
+__all__ = ['EncoderBottom', 'EncoderTop', 'encoder_swapped', 'ActivationView', 'check_cut', 'cut_point_data']
 
 # %% ../nbs/05b_fine_tuning.ipynb #6ed5ab17
 class EncoderBottom(ImageEncoder):
@@ -80,13 +80,21 @@ class ActivationView:
     def __getitem__(self, index) -> Tensor: return self.store[index][1]
 
 
+def check_cut(encoder: ImageEncoder, blocks: int) -> None:
+    "Refuse, with the reason, a number of blocks to fine-tune that the encoder cannot be cut at."
+    if not all(isinstance(block, nn.Module) and not isinstance(block, nn.ParameterList) for block in encoder.blocks):
+        raise ValueError(f"{encoder.name}'s blocks are parameter groups, not layers that run one after another: fine-tuning "
+                         "from a cut point needs one of the built-in CNN encoders")
+    if not 0 < blocks < len(encoder.blocks):
+        raise ValueError(f"fine-tune between 1 and {len(encoder.blocks) - 1} of {encoder.name}'s {len(encoder.blocks)} blocks, got {blocks}")
+
+
 def cut_point_data(encoder: ImageEncoder, blocks: int, train_items, dev_items, vocab, cache_dir, mirror: bool = False,
                    verbose: bool = True):
     "`(EncoderTop, train CaptionDataset, dev ImageDataset)` for training the last `blocks` blocks from cached activations."
     from captioning.data import CaptionDataset, ImageDataset
     from captioning.encoder import RandomView
-    if not 0 < blocks < len(encoder.blocks):
-        raise ValueError(f"fine-tune between 1 and {len(encoder.blocks) - 1} of {encoder.name}'s blocks, got {blocks}")
+    check_cut(encoder, blocks)
     cut = len(encoder.blocks) - blocks
     bottom = EncoderBottom(encoder, cut)
     train = extract_features(bottom, train_items, cache_dir, verbose=verbose)

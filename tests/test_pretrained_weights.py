@@ -82,9 +82,6 @@ def test_missing_weights_offline_say_what_to_do_and_doing_it_works(torch_home):
     assert_same_state(build_encoder("mobilenet_v2", pretrained=True).model.state_dict(), state)
 
 
-@pytest.mark.xfail(strict=True, raises=pickle.UnpicklingError, reason=(
-    "a cached file that is not a checkpoint (e.g. an HTML error page saved under the .pth name) escapes as "
-    "pickle.UnpicklingError: load_pretrained catches only OSError and RuntimeError"))
 def test_a_cached_file_that_is_not_a_checkpoint_is_reported(torch_home):
     path = checkpoint_path(torch_home, ARCHITECTURES["mobilenet_v2"][1])
     path.parent.mkdir(parents=True)

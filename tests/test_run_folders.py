@@ -290,8 +290,8 @@ def assert_disk_full_message(error: BaseException, path_part: str) -> None:
 
 
 @pytest.mark.parametrize("what, room", [
-    pytest.param("features", 0, marks=pytest.mark.xfail(strict=True, reason=EXTRACTION_BUG)),
-    pytest.param("features", 20_000, marks=pytest.mark.xfail(strict=True, reason=EXTRACTION_BUG)),
+    pytest.param("features", 0),
+    pytest.param("features", 20_000),
     ("checkpoint", 0),
     pytest.param("checkpoint", 64_000),
     ("history", 0),
@@ -319,7 +319,7 @@ def test_6_a_full_disk_gives_one_line_and_leaves_no_temporary_files(what, room, 
 
 
 @pytest.mark.parametrize("what, room", [
-    pytest.param("features", 0, marks=pytest.mark.xfail(strict=True, reason=EXTRACTION_BUG)),
+    pytest.param("features", 0),
     ("features", 4096),  # the .npy header is written, then the first block fills the disk: nothing is left buffered
     pytest.param("checkpoint", 4096),
     ("history", 0),  # history.json is smaller than 4 kB

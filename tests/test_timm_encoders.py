@@ -1,6 +1,7 @@
 """timm encoders (ViT, CLIP image towers, timm CNNs) built offline with random weights at small sizes: shapes, the
 preprocessing read from the model's pretrained config, feature cache keys, weights from local files and the hub's
 cache, one-line errors without a network, freezing, and an export round trip."""
+import dataclasses
 import time
 
 import pytest
@@ -13,9 +14,9 @@ from safetensors.torch import save_file  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 
 from captioning import encoder as encoder_module  # noqa: E402
-from captioning.data import ImagePreprocessing  # noqa: E402
-from captioning.encoder import (PretrainedWeightsUnavailable, TimmEncoder, build_encoder, encoder_transforms,  # noqa: E402
-                                extract_features, feature_cache_key, interpolation_of, timm_encoder_name,
+from captioning.data import ImagePreprocessing, image_transforms  # noqa: E402
+from captioning.encoder import (PretrainedWeightsUnavailable, TimmEncoder, build_encoder,  # noqa: E402
+                                extract_features, feature_cache_key, timm_encoder_name,
                                 timm_model_spec, timm_preprocessing)
 from captioning.synthetic import synthetic_corpus  # noqa: E402
 
@@ -96,7 +97,7 @@ def test_vit_runs_at_any_size_with_the_same_weights():
 def test_clip_tower_features_and_preprocessing_from_its_config(small_clip):
     p = small_clip.preprocessing
     assert (p.size, p.resize, p.mean, p.std, p.squash) == (224, 248, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, False)
-    assert small_clip.interpolation == interpolation_of(small_clip) == "bicubic"
+    assert p.interpolation == "bicubic"
     with torch.inference_mode():
         g, r = small_clip(torch.randn(2, 3, 224, 224))
     assert g.shape == (2, 64) and r.shape == (2, 49, 64) == (2, small_clip.num_regions, small_clip.feature_dim)
@@ -109,15 +110,15 @@ def test_clip_tower_features_and_preprocessing_from_its_config(small_clip):
 def test_timm_preprocessing_follows_timm_eval_transform(model_name, crop_pct, expected_resize):
     config = timm.data.resolve_data_config(pretrained_cfg=timm.models.get_pretrained_cfg(model_name).to_dict())
     assert config["crop_pct"] == crop_pct
-    p, interpolation = timm_preprocessing(config)
-    assert isinstance(p, ImagePreprocessing) and p.resize == expected_resize and interpolation == "bicubic"
+    p = timm_preprocessing(config)
+    assert isinstance(p, ImagePreprocessing) and p.resize == expected_resize and p.interpolation == "bicubic"
     # our evaluation transform crops the same pixels as timm's own
     image = Image.new("RGB", (320, 240))
     image.paste((200, 30, 30), (100, 60, 220, 180))
-    ours = encoder_transforms(TimmEncoder(model_name, depth=1))(image)
+    ours = image_transforms(TimmEncoder(model_name, depth=1).preprocessing)(image)
     theirs = timm.data.create_transform(**config)(image)
     assert ours.shape == theirs.shape == (3, 224, 224) and torch.allclose(ours, theirs, atol=1e-5)
-    squashed, _ = timm_preprocessing({**config, "crop_mode": "squash"})
+    squashed = timm_preprocessing({**config, "crop_mode": "squash"})
     assert squashed.squash and squashed.resize is None
     with pytest.raises(ValueError, match="crop mode"): timm_preprocessing({**config, "crop_mode": "border"})
 
@@ -128,21 +129,22 @@ def test_timm_cnn_gives_its_feature_map_as_regions():
     assert not encoder.tokens and encoder.reduction == 32 and encoder.feature_dim == 512
     assert g.shape == (2, 512) and r.shape == (2, encoder.num_regions, 512) == (2, 4, 512)
     assert torch.allclose(g, r.mean(1), atol=1e-5)
-    assert encoder.preprocessing.mean == (0.485, 0.456, 0.406) and encoder.interpolation == "bicubic"
+    assert encoder.preprocessing.mean == (0.485, 0.456, 0.406) and encoder.preprocessing.interpolation == "bicubic"
 
 
 def test_interpolation_reaches_the_transforms_and_the_cache_key(vit):
     for train in (False, True):
-        assert encoder_transforms(vit, train=train).transforms[0].interpolation == InterpolationMode.BICUBIC
+        assert image_transforms(vit.preprocessing, train=train).transforms[0].interpolation == InterpolationMode.BICUBIC
     lite = build_encoder("efficientnet_lite0", pretrained=False)
-    assert encoder_transforms(lite).transforms[0].interpolation == InterpolationMode.BILINEAR
+    assert image_transforms(lite.preprocessing).transforms[0].interpolation == InterpolationMode.BILINEAR
     key = feature_cache_key(vit, ["a", "b"], False, "float16")
     assert key["encoder"] == VIT and key["preprocessing"]["interpolation"] == "bicubic"
     assert key["preprocessing"]["size"] == 64 and key["preprocessing"]["mean"] == (0.5, 0.5, 0.5)
     assert "interpolation" not in feature_cache_key(lite, ["a", "b"], False, "float16")["preprocessing"]
-    vit.interpolation = "bilinear"
+    bicubic = vit.preprocessing
+    vit.preprocessing = dataclasses.replace(bicubic, interpolation="bilinear")
     try: assert feature_cache_key(vit, ["a", "b"], False, "float16")["key"] != key["key"]
-    finally: vit.interpolation = "bicubic"
+    finally: vit.preprocessing = bicubic
 
 
 def test_feature_cache_of_a_timm_encoder(tmp_path, vit, small_clip):
@@ -150,7 +152,7 @@ def test_feature_cache_of_a_timm_encoder(tmp_path, vit, small_clip):
     store = extract_features(vit, images, tmp_path, batch_size=2, bf16=False, verbose=False)
     assert store.global_features.shape == (5, 192) and store.region_features.shape == (5, 16, 192)
     assert store.meta["preprocessing"]["interpolation"] == "bicubic" and store.meta["encoder"] == VIT
-    pixels = torch.stack([encoder_transforms(vit)(item.load()) for item in images])  # bicubic, as extracted
+    pixels = torch.stack([image_transforms(vit.preprocessing)(item.load()) for item in images])  # bicubic, as extracted
     with torch.inference_mode(): g, r = vit(pixels)
     cached_g, cached_r = store[list(range(5))]
     assert torch.allclose(cached_g, g, atol=1e-5) and torch.allclose(cached_r, r, rtol=2 ** -10, atol=1e-4)
@@ -233,7 +235,7 @@ def test_export_round_trip_captions_identically(tmp_path):
     loaded = CaptionModel.from_pretrained(tmp_path / "export")
     assert loaded.encoder.name == SMALL_CLIP and isinstance(loaded.encoder, TimmEncoder)
     assert loaded.encoder.preprocessing == encoder.preprocessing and loaded.encoder.preprocessing.size == 96
-    assert loaded.encoder.interpolation == "bicubic" and same_state(loaded, model)
+    assert loaded.encoder.preprocessing.interpolation == "bicubic" and same_state(loaded, model)
     images = [Image.new("RGB", (120, 90), colour) for colour in ("red", "navy", "white")]
     captions = model.caption(images, beam_size=2)
     assert loaded.caption(images, beam_size=2) == captions and all("circle" in c for c in captions)
