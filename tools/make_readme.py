@@ -13,14 +13,20 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADER = "<!-- Generated from nbs/index.ipynb by tools/make_readme.py: edit the notebook, not this file. -->\n\n"
 
 
+def from_root(markdown: str) -> str:
+    "Markdown links written relative to nbs/ (as the notebook, JupyterLab and the docs site read them), made relative to the repository root."
+    markdown = re.sub(r"\]\(\.\./([^)\s]+)\)", r"](\1)", markdown)  # ../bench/RESULTS.md -> bench/RESULTS.md
+    return re.sub(r"\]\((?!https?:|#|/|nbs/|\.\./|bench/|tools/|captioning/|tests/)([^)\s]+)\)", r"](nbs/\1)", markdown)
+
+
 def render(nb_path: Path = ROOT / "nbs" / "index.ipynb") -> str:
-    "The README text: markdown cells as they are, visible code cells as fenced Python."
+    "The README text: markdown cells as they are (their links made relative to the root), visible code cells as fenced Python."
     cells = json.loads(nb_path.read_text())["cells"]
     parts = []
     for cell in cells:
         source = "".join(cell["source"]).strip()
         if not source or re.match(r"#\s*\|\s*hide", source): continue
-        parts.append(source if cell["cell_type"] == "markdown" else f"```python\n{source}\n```")
+        parts.append(from_root(source) if cell["cell_type"] == "markdown" else f"```python\n{source}\n```")
     return HEADER + "\n\n".join(parts) + "\n"
 
 
