@@ -1,29 +1,43 @@
 """Throughput on this machine: feature extraction (images/s) and decoding from cached features (captions/s).
 
-    python bench/throughput.py [--images 256] [--captions 512]
+    python bench/throughput.py [--images 96] [--captions 512]
+    python bench/throughput.py --tiny          # a smoke test: seconds
 
-Encoders: EfficientNet-Lite0 (offline weights), MobileNetV2 and ResNet50 (random weights: the same arithmetic
-as pretrained ones), fp32 and bf16 autocast, batch 32, 224 px. Decoders: every kind at the paper sizes
-(embed 256, hidden 512, attention 256) with a Flickr8k-sized vocabulary, from cached Lite0 features
-(D = 1280, 7x7 regions), batch 64, greedy and beam 3/5, max 20 words. Decoders are untrained, so every
-caption runs all 20 steps: the worst case. Parameter counts are printed for each model.
+Encoders: EfficientNet-Lite0 (offline weights), MobileNetV2 and ResNet50 (random weights: the same arithmetic as
+pretrained ones), fp32 and bf16 autocast, batch 32, 224 px. Decoders: every registered kind (`captioning.decoder.DECODERS`)
+at its default sizes (captioning/recipes.py: embed 256, hidden 512, attention 256 for the recurrent ones; d_model 512,
+3 blocks for the Transformer) with a Flickr8k-sized vocabulary, from random features with Lite0's shapes (D = 1280,
+7x7 regions), batch 64, greedy and beam 3/5, max 20 words. Decoders are untrained, so every caption runs all 20
+steps: the worst case. --tiny measures the 64-pixel test encoder and decoders a few dozen units wide instead, on a
+handful of images and captions, on one thread. Prints two markdown tables, with each model's parameter count.
 """
 import argparse
 import time
+from dataclasses import fields
 
 import torch
 
-from captioning.decoder import DECODER_KINDS, DecoderConfig, beam_search, build_decoder, greedy_decode
-from captioning.transformer import transformer_config
+import captioning.model  # noqa: F401  imports every decoder module, so that each registers its kinds
+from captioning.decoder import DECODERS, beam_search, build_decoder, greedy_decode
 from captioning.encoder import build_encoder, encoder_throughput
 
+TINY_SIZES = dict(embed_dim=32, hidden_dim=32, attention_dim=16, num_heads=4, ff_dim=64, num_layers=1)
 
-def decoding_throughput(decoder, n: int, batch_size: int = 64, beam_size: int = 1) -> float:
-    "Captions/s of greedy (beam 1) or beam search from random features with the encoder's shapes."
+
+def decoder_config(kind: str, vocab_size: int, feature_dim: int, tiny: bool = False):
+    "The config of a decoder of `kind` at its defaults (or, if `tiny`, a few dozen units wide), built by its registered class."
+    config_class = DECODERS[kind].config_class
+    known = {f.name for f in fields(config_class)}
+    sizes = {k: v for k, v in TINY_SIZES.items() if k in known} if tiny else {}
+    return config_class(vocab_size=vocab_size, feature_dim=feature_dim, kind=kind, **sizes)
+
+
+def decoding_throughput(decoder, n: int, feature_dim: int, regions: int, batch_size: int = 64, beam_size: int = 1) -> float:
+    "Captions/s of greedy (beam 1) or beam search from random features (batch_size, D) and (batch_size, N, D)."
     decoder.eval()
-    global_features, regions = torch.randn(batch_size, 1280), torch.randn(batch_size, 49, 1280)
-    decode = (lambda: greedy_decode(decoder, global_features, regions, max_len=20)) if beam_size == 1 else \
-             (lambda: beam_search(decoder, global_features, regions, beam_size=beam_size, max_len=20))
+    global_features, region_features = torch.randn(batch_size, feature_dim), torch.randn(batch_size, regions, feature_dim)
+    decode = (lambda: greedy_decode(decoder, global_features, region_features, max_len=20)) if beam_size == 1 else \
+             (lambda: beam_search(decoder, global_features, region_features, beam_size=beam_size, max_len=20))
     decode()  # warm-up
     start, done = time.perf_counter(), 0
     while done < n:
@@ -31,23 +45,45 @@ def decoding_throughput(decoder, n: int, batch_size: int = 64, beam_size: int = 
     return done / (time.perf_counter() - start)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=96, help="images per encoder measurement")
-    parser.add_argument("--captions", type=int, default=512, help="captions per decoder measurement")
-    args = parser.parse_args()
+    parser.add_argument("--images", type=int, default=None, help="images per encoder measurement (default 96; --tiny: 8)")
+    parser.add_argument("--captions", type=int, default=None, help="captions per decoder measurement (default 512; --tiny: 16)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own; --tiny: 1)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test encoder and tiny decoders: a smoke test")
+    args = parser.parse_args(argv)
+    threads = args.threads or (1 if args.tiny else None)  # tiny models only wait for each other's threads
+    if threads: torch.set_num_threads(threads)
+    images = args.images or (8 if args.tiny else 96)
+    captions = args.captions or (16 if args.tiny else 512)
+    batch_size = 8 if args.tiny else 32
+    if images < 1 or captions < 1: parser.error("--images and --captions must be at least 1")
+    encoders = ["tiny"] if args.tiny else ["efficientnet_lite0", "mobilenet_v2", "resnet50"]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("feature extraction, batch 32, 224 px (images/s):")
-    for name in ("efficientnet_lite0", "mobilenet_v2", "resnet50"):
+    print(f"\nfeature extraction, batch {batch_size}, images/s:\n")
+    print("| encoder | params (M) | fp32 | bf16 |\n|---|---:|---:|---:|")
+    results = {"encoders": {}, "decoders": {}}
+    for name in encoders:
         encoder = build_encoder(name, pretrained=name == "efficientnet_lite0").eval()
         n_params = sum(p.numel() for p in encoder.parameters())
-        rates = {bf16: encoder_throughput(encoder, batch_size=32, bf16=bf16, repeats=max(1, args.images // 32)) for bf16 in (False, True)}
-        print(f"  {name:>18} ({n_params / 1e6:.1f} M params): fp32 {rates[False]:6.1f}   bf16 {rates[True]:6.1f}")
-    print("decoding from cached features, batch 64, max 20 words (captions/s):")
-    for kind in DECODER_KINDS:
-        config = (transformer_config(2541, 1280) if kind == "transformer"
-                  else DecoderConfig(vocab_size=2541, feature_dim=1280, kind=kind))
-        decoder = build_decoder(config)
+        rates = {bf16: encoder_throughput(encoder, batch_size=batch_size, bf16=bf16, repeats=max(1, images // batch_size))
+                 for bf16 in (False, True)}
+        results["encoders"][name] = {"parameters": n_params, "fp32": rates[False], "bf16": rates[True]}
+        print(f"| {name} ({encoder.preprocessing.size} px) | {n_params / 1e6:.2f} | {rates[False]:.1f} | {rates[True]:.1f} |")
+    vocab_size, feature_dim, regions = (50, 64, 4) if args.tiny else (2541, 1280, 49)
+    decode_batch = 8 if args.tiny else 64
+    print(f"\ndecoding from random features (D = {feature_dim}, {regions} regions), batch {decode_batch}, "
+          f"{vocab_size} words, max 20 words, captions/s:\n")
+    print("| decoder | params (M) | greedy | beam 3 | beam 5 |\n|---|---:|---:|---:|---:|")
+    for kind in sorted(DECODERS):
+        torch.manual_seed(0)
+        decoder = build_decoder(decoder_config(kind, vocab_size, feature_dim, args.tiny))
         n_params = sum(p.numel() for p in decoder.parameters())
-        rates = [decoding_throughput(decoder, args.captions, beam_size=k) for k in (1, 3, 5)]
-        print(f"  {kind:>10} ({n_params / 1e6:.2f} M params): greedy {rates[0]:6.0f}   beam 3 {rates[1]:6.0f}   beam 5 {rates[2]:6.0f}")
+        rates = [decoding_throughput(decoder, captions, feature_dim, regions, decode_batch, beam_size=k) for k in (1, 3, 5)]
+        results["decoders"][kind] = {"parameters": n_params, "greedy": rates[0], "beam 3": rates[1], "beam 5": rates[2]}
+        print(f"| {kind} | {n_params / 1e6:.2f} | {rates[0]:.0f} | {rates[1]:.0f} | {rates[2]:.0f} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()
