@@ -290,6 +290,8 @@ class ShowAttendTellDecoder(CaptionDecoder):
     def forward(self, global_features: Tensor | None, region_features: Tensor, captions_in: Tensor,
                 rows: Tensor | None = None) -> DecoderOutput:
         "Teacher forcing with `step`'s arithmetic, the parts that do not depend on the previous step done once for all T positions."
+        if not isinstance(getattr(self.cell, "weight_ih", None), Tensor):  # e.g. an int8 cell (notebook 09): step by step
+            return super().forward(global_features, region_features, captions_in, rows)
         state = self.teacher_state(global_features, region_features, rows)
         E, cell = self.config.embed_dim, self.cell
         # the LSTM's input is [word, context]: the word's share of W_ih for every position in one product
