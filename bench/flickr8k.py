@@ -60,11 +60,42 @@ def tutorial_recipe_captions_per_s(corpus: dict, vocab: Vocabulary, steps: int =
     seen, start = 0, None
     for i, batch in enumerate(loader):
         if i == 1: start, seen = time.perf_counter(), 0  # the first step warms up workers and allocator
-        loss = caption_loss(model(batch.inputs, batch.decoder_inputs), batch.targets)
+        loss = caption_loss(model(batch.inputs, batch.decoder_inputs, rows=batch.input_rows), batch.targets)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
         seen += len(batch.captions)
         if i == steps: break
     return seen / (time.perf_counter() - start)
+
+
+def training_flops_per_caption(model, train_set, config, batches: int = 3) -> float:
+    "Floating-point operations of one training step per caption (forward and backward), counted by PyTorch from the shapes of the products on a few real batches."
+    from torch.utils.flop_counter import FlopCounterMode
+    from captioning.data import collate_captions
+    from captioning.encoder import autocast_for
+    from captioning.training import CrossEntropyObjective, EpochBatches
+    images = [image for image, _ in train_set.pairs] if config.group_by_image else None
+    lengths = [len(ids) for _, ids in train_set.pairs] if config.bucket_by_length else None
+    sampler = EpochBatches(range(len(train_set)), config.batch_size, config.seed, 0, lengths, images=images)
+    autocast, _ = autocast_for(torch.device("cpu"), config.precision)
+    flops = captions = 0
+    model.train()
+    for batch_indices, _ in zip(sampler, range(batches)):
+        batch = collate_captions(train_set.__getitems__(batch_indices))
+        with FlopCounterMode(display=False) as counter:
+            with autocast: loss = CrossEntropyObjective().loss(model, batch, train_set, config)
+            loss.backward()
+        flops += counter.get_total_flops(); captions += len(batch.captions)
+    model.zero_grad(set_to_none=True)
+    return flops / captions
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
+    "FLOP/s of a bf16 matrix product on this machine: the ceiling the training step is compared with."
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats): a @ b
+    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
 
 
 # Each stage decodes dev these ways and reports the one with the highest dev CIDEr-D. Blocking repeated bigrams is
@@ -167,10 +198,12 @@ def run(args) -> dict:
             with encoder_swapped(model, top) if top is not None else nullcontext():
                 history = fit(model, vocab, train_set, dev_set, replace_patience(config, args), run_dir, objective=objective,
                               score_start=objective is not None, progress=False)
+                flops = training_flops_per_caption(model, train_set, config) if objective is None else None
             # measured as `captioning evaluate` measures an export: the (fine-tuned) encoder's own features of the dev photos
             dev_photos = ImageDataset(corpus["dev"], features=extract_features(encoder, corpus["dev"], cache, verbose=False))
             metrics, decoding = measure(model, vocab, dev_photos, history)
             row = {"recipe": name, "stage": stage, **metrics}
+            if flops: row["train_gflop_per_caption"] = flops / 1e9
             if objective is not None: row["train_captions_per_s"] *= objective.config.num_samples  # sampled captions, not images
             row["minutes"] = (time.perf_counter() - stage_start) / 60
             recipe_minutes += row["minutes"]
@@ -192,6 +225,7 @@ def run(args) -> dict:
         results["tutorial_captions_per_s"] = tutorial_recipe_captions_per_s(corpus, vocab)
         ours = next(r for r in results["stages"] if r["stage"] == "cross-entropy")
         results["speedup"] = ours["train_captions_per_s"] / results["tutorial_captions_per_s"]
+    results["matmul_gflop_per_s"] = matmul_flops_per_s() / 1e9
     results["total_minutes"] = (time.perf_counter() - start) / 60
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     return results
@@ -207,7 +241,8 @@ def print_table(results: dict) -> None:
     print("\nFlickr8k dev split (BLEU/METEOR/ROUGE-L 0-1, CIDEr-D 0-10); minutes of wall clock on this machine")
     columns = ["decoding", "BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr-D",
                *(f"CIDEr-D {decoding_name(**decoding)}" for decoding in DECODINGS),  # the reported one's cell shows "-"
-               "repeated_bigram_rate", "parameters", "train_captions_per_s", "decode_captions_per_s", "epochs", "minutes", "recipe_minutes"]
+               "repeated_bigram_rate", "parameters", "train_captions_per_s", "train_gflop_per_caption", "decode_captions_per_s",
+               "epochs", "minutes", "recipe_minutes"]
     print("| recipe | stage | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for row in results["stages"]:
@@ -221,6 +256,13 @@ def print_table(results: dict) -> None:
     if "speedup" in results:
         print(f"training throughput: tutorial recipe {results['tutorial_captions_per_s']:.1f} captions/s; "
               f"ours {results['speedup']:.1f}x faster")
+    for row in results["stages"]:
+        if "train_gflop_per_caption" in row:
+            achieved = row["train_gflop_per_caption"] * row["train_captions_per_s"]
+            print(f"{row['recipe']} / {row['stage']}: {row['train_gflop_per_caption']:.2f} GFLOP per training caption x "
+                  f"{row['train_captions_per_s']:.0f} captions/s = {achieved:.0f} GFLOP/s, "
+                  f"{100 * achieved / results['matmul_gflop_per_s']:.0f} % of this machine's bf16 matmul "
+                  f"({results['matmul_gflop_per_s']:.0f} GFLOP/s, 2048x2048 products)")
 
 
 if __name__ == "__main__":

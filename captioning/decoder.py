@@ -292,23 +292,40 @@ class ShowAttendTellDecoder(CaptionDecoder):
         "Teacher forcing with `step`'s arithmetic, the parts that do not depend on the previous step done once for all T positions."
         if not isinstance(getattr(self.cell, "weight_ih", None), Tensor):  # e.g. an int8 cell (notebook 09): step by step
             return super().forward(global_features, region_features, captions_in, rows)
-        state = self.teacher_state(global_features, region_features, rows)
+        state = self.init_state(global_features, region_features)  # per image: keys (n, N, A), regions (n, N, D)
+        B = captions_in.shape[0]
+        if rows is None: rows = torch.arange(B, device=captions_in.device)
+        groups, slots = _caption_groups(rows, len(state["regions"]))  # (n, k): each image's captions; (B,): where each sits
         E, cell = self.config.embed_dim, self.cell
         # the LSTM's input is [word, context]: the word's share of W_ih for every position in one product
         words = F.linear(self.embedding(captions_in), cell.weight_ih[:, :E], cell.bias_ih + cell.bias_hh)  # (B, T, 4H)
         recurrent = torch.cat([cell.weight_ih[:, E:], cell.weight_hh], 1)  # (4H, D + H): context and h in one product per step
-        h, c = state["h"], state["c"]
+        if torch.is_autocast_enabled(words.device.type):  # cast once here, not at every step (autocast caches only parameters)
+            recurrent = recurrent.to(torch.get_autocast_dtype(words.device.type))
+        words = words.unbind(1)  # T tensors (B, 4H): one backward for all, where indexing step by step would add T full-size gradients
+        steps = []  # (input, gradient) of every step's product, for one weight gradient in the backward pass
+        recurrent = _WeightOfAllSteps.apply(recurrent, steps)
+        h, c = state["h"][rows], state["c"][rows]  # (B, H)
+        keys, regions = state["keys"].unsqueeze(1), state["regions"]  # (n, 1, N, A), (n, N, D)
         hidden, attention = [], []
         for t in range(captions_in.shape[1]):
-            context, alpha = self.attention(state["keys"], state["regions"], h)  # (B, D), (B, N)
+            # attention grouped by image: an image's regions are read once for all its captions (k of them)
+            query = self.attention.hidden_proj(h)[groups].unsqueeze(2)  # (n, k, 1, A)
+            alpha = self.attention.score(torch.tanh(keys + query)).squeeze(-1).softmax(-1)  # (n, k, N)
+            context = torch.bmm(alpha, regions).flatten(0, 1)[slots]  # (B, D)
+            alpha = alpha.flatten(0, 1)[slots]  # (B, N)
             if self.gate is not None:
                 context = torch.sigmoid(self.gate(h)) * context  # beta (B, 1)
-            gates = torch.addmm(words[:, t], torch.cat([context, h.to(context.dtype)], 1), recurrent.t()).float()  # (B, 4H)
-            i, f, g, o = gates.chunk(4, 1)  # nn.LSTMCell's order; the cell state stays in float32 under autocast
+            gates = _StepProduct.apply(words[t], torch.cat([context, h.to(context.dtype)], 1), recurrent, steps)  # (B, 4H)
+            if gates.dtype in (torch.bfloat16, torch.float16): gates = gates.float()  # the cell state stays float32 under autocast
+            i, f, g, o = gates.chunk(4, 1)  # nn.LSTMCell's order
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)  # (B, H)
             hidden.append(h); attention.append(alpha)
-        logits = self.output(self.dropout(torch.stack(hidden, 1)))  # (B, T, V): one product for all positions
+        hidden = torch.stack(hidden, 1)  # (B, T, H)
+        if self.training and self.dropout.p > 0:  # nn.Dropout's mask, drawn with torch.rand: half the time of its bernoulli_ on a CPU
+            hidden = hidden * (torch.rand_like(hidden) >= self.dropout.p) / (1 - self.dropout.p)
+        logits = self.output(hidden)  # (B, T, V): one product for all positions
         return DecoderOutput(logits, torch.stack(attention, 1))
 
     def prunable_units(self) -> PrunableUnits:
@@ -325,6 +342,50 @@ def doubly_stochastic_penalty(attention: Tensor, mask: Tensor | None = None, wei
     if mask is not None:
         attention = attention * mask.unsqueeze(-1).to(attention.dtype)  # (B, T, N)
     return weight * ((1.0 - attention.sum(1)) ** 2).sum(-1).mean()
+
+# %% ../nbs/04_decoder.ipynb #4a9a888b
+class _StepProduct(torch.autograd.Function):
+    "`bias + x @ weight.T` for one step of a loop; its backward leaves the weight's gradient to `_WeightOfAllSteps`."
+
+    @staticmethod
+    def forward(ctx, bias: Tensor, x: Tensor, weight: Tensor, steps: list) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.steps = steps
+        return torch.addmm(bias, x.to(weight.dtype), weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.steps.append((x, grad))  # the weight's share, collected
+        return grad, (grad @ weight).to(x.dtype), None, None
+
+
+class _WeightOfAllSteps(torch.autograd.Function):
+    "A weight that every step of a loop multiplies by: its gradient is ONE product over all steps' (input, gradient) pairs, not T small ones."
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, steps: list) -> Tensor:
+        ctx.steps = steps
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, _):  # runs after every step's backward: the steps' output depends on this one
+        x, grad = (torch.cat(parts) for parts in zip(*ctx.steps))  # (B * T, in), (B * T, out)
+        ctx.steps.clear()
+        return (grad.t() @ x.to(grad.dtype)), None  # (out, in)
+
+
+def _caption_groups(rows: Tensor, n_images: int) -> tuple[Tensor, Tensor]:
+    "For captions showing images `rows` (B,): `groups` (n, k), each image's captions padded with repeats, and each caption's slot (B,) in groups.flatten()."
+    counts = torch.bincount(rows, minlength=n_images)  # (n,)
+    k = int(counts.max())
+    order = torch.argsort(rows, stable=True)  # captions image by image
+    starts = torch.cumsum(counts, 0) - counts  # (n,): where each image's captions begin in `order`
+    rank = torch.arange(len(rows), device=rows.device) - starts[rows[order]]  # (B,): a caption's place among its image's
+    groups = order[starts.unsqueeze(1) + torch.minimum(torch.arange(k, device=rows.device), (counts - 1).clamp(min=0).unsqueeze(1))]  # (n, k)
+    slots = torch.empty_like(rows)
+    slots[order] = rows[order] * k + rank
+    return groups, slots
 
 # %% ../nbs/04_decoder.ipynb #b5b8b00e
 def build_decoder(config: DecoderConfig) -> CaptionDecoder:

@@ -117,6 +117,7 @@ RECIPES = {
             max_minutes=17.0,  # the benchmark's budget for this stage
             batch_size=128,  # fewer, larger steps: the fastest epochs on two cores, with no loss in score
             lr=2e-3,
+            group_by_image=True,  # an image's five captions in one batch: its features load, and its regions are read, once
             patience=6,  # greedy dev CIDEr-D moves by +-0.02 between epochs: do not stop on noise
         ),
         self_critical=dict(
