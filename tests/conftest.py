@@ -13,6 +13,10 @@ from captioning.data import find_flickr8k
 TINY_TRAIN = ["--n-train", "12", "--n-dev", "4", "--epochs", "1", "--warmup-steps", "2", "--no-meteor"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (tests/test_cuda.py; skipped with the reason without one)")
+
+
 @pytest.fixture(scope="session")
 def flickr8k_root():
     "The real Flickr8k folder, or skip: set CAPTIONING_FLICKR8K or put it at ../shared/data/flickr8k."
