@@ -242,9 +242,9 @@ def _build_from_export(config: dict, vocab: Vocabulary, weights_file: Path, conf
 
 # %% ../nbs/04a_model.ipynb #7ede765d
 def _is_local(model_id: str) -> bool:
-    "Does `model_id` name a local path rather than a hub id (`user/name`)?"
+    "Does `model_id` name a local path rather than a hub id (`user/name`, exactly one slash)?"
     path = Path(model_id)
-    return path.exists() or path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") > 1 or "\\" in model_id
+    return path.exists() or path.is_absolute() or model_id.startswith((".", "~")) or model_id.count("/") != 1 or "\\" in model_id
 
 
 def _hub_files(model_id: str, revision, cache_dir, force_download: bool, local_files_only: bool, token) -> dict[str, Path]:

@@ -102,6 +102,13 @@ def test_a_run_folder_or_a_missing_folder_is_named(tmp_path):
         CaptionModel.from_pretrained(tmp_path / "nowhere")
 
 
+def test_a_name_without_one_slash_is_a_folder_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a typo'd relative folder must not send the user to the hub
+    for name in ("nowhere", "runs/a/export"):
+        with pytest.raises(CheckpointError, match=f"export folder not found: {name}"):
+            CaptionModel.from_pretrained(name)
+
+
 def test_a_model_without_a_vocabulary_cannot_be_exported_or_caption(tmp_path, tiny_export):
     model = tiny_caption_model()
     model.vocab = None

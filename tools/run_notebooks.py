@@ -21,6 +21,7 @@ def drop_widgets(notebook: Path) -> int:
     nb = json.loads(notebook.read_text())
     dropped = 0
     for cell in nb["cells"]:
+        if cell["cell_type"] != "code": continue
         outputs = cell.get("outputs", [])
         kept = [o for o in outputs if WIDGET not in o.get("data", {})]
         dropped += len(outputs) - len(kept)
