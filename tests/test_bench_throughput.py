@@ -1,4 +1,4 @@
-"bench/throughput.py end to end on the tiny encoder and tiny decoders of every registered kind (--tiny)."
+"bench/throughput.py end to end on the tiny encoder, a tiny attention decoder training three ways, and tiny decoders of every registered kind (--tiny)."
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +30,10 @@ def test_throughput_runs_end_to_end_and_measures_every_registered_decoder():
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--tiny"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    encoders, decoders = markdown_tables(done.stdout)
+    training, encoders, decoders = markdown_tables(done.stdout)
+    assert list(training) == ["step by step", "fused, a feature row per caption", "fused, grouped by image"]
+    assert all(rate > 0 and ratio > 0 for rate, ratio in training.values())  # captions/s, and against step by step
+    assert training["step by step"][1] == 1.0
     assert list(encoders) == ["tiny (64 px)"]
     parameters, fp32, bf16 = encoders["tiny (64 px)"]
     assert 0 < parameters < 1 and fp32 > 0 and bf16 > 0  # millions of parameters; images/s
