@@ -11,7 +11,7 @@ at its default sizes (captioning/recipes.py: embed 256, hidden 512, attention 25
 3 blocks for the Transformer) with a Flickr8k-sized vocabulary, from random features with Lite0's shapes (D = 1280,
 7x7 regions), batch 64, greedy and beam 3/5, max 20 words. Decoders are untrained, so every caption runs all 20
 steps: the worst case. The training step (forward, backward, AdamW) is the flickr8k-attention recipe's: its decoder,
-batches of 128 captions of 14 positions, 9x9 regions, bf16 autocast where the CPU has it; measured step by step
+batches of 130 captions (26 images) of 14 positions, 9x9 regions, bf16 autocast where the CPU has it; measured step by step
 (the base class's loop, as `step` decodes), fused (notebook 04: the word projections and the output layer once for
 all positions, one weight gradient for all steps) with one feature row per caption, and fused with the captions
 grouped five per image, as the recipe batches them; rounds interleaved so that the machine's drift hits all three
@@ -55,7 +55,7 @@ def decoding_throughput(decoder, n: int, feature_dim: int, regions: int, batch_s
 
 def training_throughput(tiny: bool = False, rounds: int = 3, steps: int = 8) -> dict[str, float]:
     "Captions/s of the attention decoder's training step: step by step, fused per caption, fused grouped by image."
-    vocab_size, feature_dim, regions, batch, length = (50, 64, 4, 10, 6) if tiny else (2543, 1280, 81, 128, 14)
+    vocab_size, feature_dim, regions, batch, length = (50, 64, 4, 10, 6) if tiny else (2543, 1280, 81, 130, 14)
     sizes = dict(embed_dim=32, hidden_dim=32, attention_dim=16) if tiny else recipe("flickr8k-attention")["decoder"]
     torch.manual_seed(0)
     decoder = build_decoder(DecoderConfig.from_dict({"kind": "attention", **sizes, "vocab_size": vocab_size,
