@@ -455,16 +455,17 @@ def collate_images(samples: list) -> tuple:
     return _stack(list(inputs)), torch.tensor(image_indices, dtype=torch.long)
 
 # %% ../nbs/02_data.ipynb #1180c9e3
-def show_images(items: Sequence[CaptionedImage], ncols: int = 4, n_captions: int = 2, size: float = 2.6):
-    "Plot a grid of images, each with its first `n_captions` captions."
+def show_images(items: Sequence[CaptionedImage], ncols: int = 4, n_captions: int = 2, size: float = 3.0):
+    "Plot a grid of images, each with its first `n_captions` captions (wrapped to the panel, two lines each at most)."
     import matplotlib.pyplot as plt
     import textwrap
     nrows = max(1, -(-len(items) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.35 * n_captions)), dpi=72, squeeze=False)
+    width = int(size * 11.5)  # characters per line at 9 pt that fit a panel `size` inches wide
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * size, nrows * (size + 0.4 * n_captions)), dpi=100, squeeze=False,
+                             layout="constrained")  # keeps each title clear of the row above
     for ax in axes.flat: ax.axis("off")
     for ax, item in zip(axes.flat, items):
         ax.imshow(item.load())
-        text = "\n".join(textwrap.shorten(c, 48, placeholder=" …") for c in item.captions[:n_captions])
-        ax.set_title(text, fontsize=7.5, loc="left")
-    fig.tight_layout()
+        text = "\n".join(textwrap.fill(c, width, max_lines=2, placeholder=" …") for c in item.captions[:n_captions])
+        ax.set_title(text, fontsize=9, loc="left")
     return fig
