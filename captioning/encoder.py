@@ -286,7 +286,7 @@ class TorchvisionEncoder(ImageEncoder):
 
 
 class ResNet50Encoder(TorchvisionEncoder):
-    "torchvision's ResNet50 (the seed blog's encoder): 2048-d features on a 7x7 grid at 224 pixels."
+    "torchvision's ResNet50 (the usual captioning tutorial's encoder): 2048-d features on a 7x7 grid at 224 pixels."
     name = "resnet50"
     feature_dim = 2048
     weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
